@@ -1,0 +1,53 @@
+"""Every error the helpers raise, each naming its cause in words a learner can act on.
+
+They all derive from ``TutorialError``, so a notebook can catch the family in one clause.
+"""
+
+from __future__ import annotations
+
+
+class TutorialError(RuntimeError):
+    """Base class of the helpers' errors."""
+
+
+class ModelNotFoundError(TutorialError):
+    """The model path does not exist, is not a model folder, or the hub id cannot be fetched."""
+
+
+class PortInUseError(TutorialError):
+    """Something already listens on the port the server was asked to use."""
+
+
+class ServerStartError(TutorialError):
+    """The server process exited (or timed out) before it was ready.
+
+    ``cause`` is the diagnosis found in the log, ``log_tail`` its last lines, ``log_path``
+    the whole log.
+    """
+
+    def __init__(self, message: str, *, cause: str | None = None, log_tail: str = "",
+                 log_path: str | None = None, exit_code: int | None = None):
+        self.cause = cause
+        self.log_tail = log_tail
+        self.log_path = log_path
+        self.exit_code = exit_code
+        text = message
+        if log_tail:
+            text += f"\n--- last lines of {log_path} ---\n{log_tail}"
+        super().__init__(text)
+
+
+class StartupTimeoutError(ServerStartError):
+    """The server stayed alive but did not become ready in time."""
+
+
+class ServerDiedError(TutorialError):
+    """A server that was ready has gone away."""
+
+
+class ApiKeyError(TutorialError):
+    """The server wants an API key and none (or a wrong one) was given."""
+
+
+class NotOwnerError(TutorialError):
+    """This process did not start the server it was asked to stop."""

@@ -1,0 +1,143 @@
+"""The one setting every notebook follows: which model to serve, under which name, where.
+
+Values come from three layers, later ones winning:
+
+1. defaults: the embedded SmolLM2-135M-Instruct on 127.0.0.1, a free port;
+2. a TOML file: ``$VLLM_TUTORIAL_CONFIG``, else ``tutorial.toml`` at the repository root;
+3. environment variables ``VLLM_TUTORIAL_<KEY>`` (``VLLM_TUTORIAL_MODEL=...``).
+
+Keys (TOML name / environment suffix): ``model``, ``served_model_name``, ``host``, ``port``,
+``dtype``, ``tensor_parallel_size``, ``max_model_len``, ``api_key``, ``extra_args``,
+``startup_timeout``. ``configs/`` holds ready examples, e.g. the origin's Qwen2-7B on two GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "VLLM_TUTORIAL_"
+EMBEDDED = "embedded"
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or has a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the learner asked for; ``helpers.server_config`` turns it into an exact command."""
+
+    model: str = EMBEDDED
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int | None = None
+    max_model_len: int | None = None
+    api_key: str | None = None
+    extra_args: tuple[str, ...] = ()
+    startup_timeout: float = 900.0
+    source: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        return self.model == EMBEDDED
+
+
+_INT_KEYS = {"port", "tensor_parallel_size", "max_model_len"}
+_FLOAT_KEYS = {"startup_timeout"}
+_KEYS = {f.name for f in dataclasses.fields(Settings)} - {"source"}
+
+
+def _coerce(key: str, value: object, origin: str) -> object:
+    if key not in _KEYS:
+        raise SettingsError(f"{origin}: unknown setting {key!r}; known: {', '.join(sorted(_KEYS))}")
+    try:
+        if key in _INT_KEYS:
+            number = int(value)  # type: ignore[arg-type]
+            if number <= 0 or (key == "port" and number > 65535):
+                raise ValueError
+            return number
+        if key in _FLOAT_KEYS:
+            number = float(value)  # type: ignore[arg-type]
+            if number <= 0:
+                raise ValueError
+            return number
+    except (TypeError, ValueError):
+        limit = " up to 65535" if key == "port" else ""
+        raise SettingsError(f"{origin}: {key} must be a positive number{limit}, got {value!r}") from None
+    if key == "extra_args":
+        if isinstance(value, str):
+            return tuple(shlex.split(value))
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise SettingsError(f"{origin}: extra_args must be a string or a list of strings")
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{origin}: {key} must be a non-empty string, got {value!r}")
+    if key == "dtype" and value not in DTYPES:
+        raise SettingsError(f"{origin}: dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value.strip()
+
+
+def config_file(environ: os._Environ | dict | None = None) -> Path | None:
+    """The TOML file in force, or None. A file named in the environment must exist."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(ENV_PREFIX + "CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.is_file():
+            raise SettingsError(f"{ENV_PREFIX}CONFIG names {path}, which is not a file")
+        return path
+    default = REPO_ROOT / "tutorial.toml"
+    return default if default.is_file() else None
+
+
+def load_settings(environ: os._Environ | dict | None = None, **overrides: object) -> Settings:
+    """Defaults, then the TOML file, then ``VLLM_TUTORIAL_*`` variables, then ``overrides``."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    sources = ["defaults"]
+    path = config_file(environ)
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise SettingsError(f"{path}: not valid TOML ({err})") from None
+        table = table.get("server", table)  # both a flat file and a [server] table work
+        for key, value in table.items():
+            values[key] = _coerce(key, value, str(path))
+        sources.append(str(path))
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in {"state_dir", "cache_dir"}:  # read by other modules
+            continue
+        values[key] = _coerce(key, value, name)
+        sources.append(name)
+    for key, value in overrides.items():
+        values[key] = _coerce(key, value, "argument")
+    return Settings(**values, source=tuple(sources))  # type: ignore[arg-type]
+
+
+def cache_dir(environ: os._Environ | dict | None = None) -> Path:
+    """Where converted models live: ``$VLLM_TUTORIAL_CACHE_DIR`` or ``~/.cache/vllm-tutorial``."""
+    environ = os.environ if environ is None else environ
+    base = environ.get(ENV_PREFIX + "CACHE_DIR") or Path.home() / ".cache" / "vllm-tutorial"
+    return Path(base).expanduser()
+
+
+def state_dir(environ: os._Environ | dict | None = None) -> Path:
+    """Where running servers are recorded and their logs written."""
+    environ = os.environ if environ is None else environ
+    named = environ.get(ENV_PREFIX + "STATE_DIR")
+    return Path(named).expanduser() if named else cache_dir(environ) / "servers"
