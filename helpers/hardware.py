@@ -100,7 +100,15 @@ def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
             continue
         index, name, cap, mem = parts
         major, _, minor = cap.partition(".")
-        gpus.append(Gpu(int(index), name, (int(major), int(minor or 0)), int(float(mem))))
+        try:
+            capability = (int(major), int(minor or 0))
+        except ValueError:
+            continue  # an old driver that cannot report compute_cap: torch's probe answers instead
+        try:
+            memory = int(float(mem))
+        except ValueError:
+            memory = 0  # "[N/A]" on GPUs that share the system's memory
+        gpus.append(Gpu(int(index), name, capability, memory))
     return tuple(gpus)
 
 
@@ -127,18 +135,23 @@ if torch.version.cuda:
         info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception:
         pass
+info["gpus"] = []
+if torch.version.cuda and torch.cuda.is_available():  # a child process: its CUDA context dies with it
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        info["gpus"].append([i, p.name, [p.major, p.minor], p.total_memory // 2**20])
 print(json.dumps(info))
 """
 
 
 def probe_torch(python: str = sys.executable) -> dict:
-    """torch's version, CUDA version and NCCL version, read in a child process."""
+    """torch's version, CUDA and NCCL versions and its view of the GPUs, read in a child process."""
     try:
         out = subprocess.run([python, "-c", _TORCH_PROBE], capture_output=True, text=True,
                              timeout=120, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return {"torch": None, "cuda": None, "nccl": None}
+        return {"torch": None, "cuda": None, "nccl": None, "gpus": []}
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,7 +172,7 @@ def detect() -> Machine:
         nccl_pinned_by_torch=nccl_pinned_by_torch(),
         vllm_distribution=dist,
         vllm_version=_dist_version(dist) if dist else None,
-        gpus=list_gpus(),
+        gpus=list_gpus() or tuple(Gpu(i, n, tuple(c), m) for i, n, c, m in torch_info.get("gpus") or ()),
     )
 
 

@@ -227,3 +227,9 @@ def test_detect_on_this_machine():
     assert machine.torch is not None and machine.torch.startswith("2.")
     assert machine.torch == importlib.metadata.version("torch")
     assert machine.torch_cuda is None
+
+
+def test_parse_nvidia_smi_skips_what_it_cannot_read():
+    from helpers.hardware import parse_nvidia_smi
+    gpus = parse_nvidia_smi("0, Old Card, [N/A], 8192\n1, Grace Hopper, 9.0, [N/A]\n")
+    assert [(g.index, g.capability, g.memory_mib) for g in gpus] == [(1, (9, 0), 0)]
