@@ -181,7 +181,8 @@ class VLLMServer:
         port_was_free = self.config.port is None
         self._preflight()
         self._log_path = self._new_log()
-        env = {**os.environ, **self.config.env}
+        # The log is a file: no colour codes, even when the kernel's environment asks for them.
+        env = {**os.environ, "VLLM_LOGGING_COLOR": "0", **self.config.env}
         guard = [sys.executable, str(GUARD_SCRIPT), "--grace", str(GRACE_SECONDS)]
         pass_fds: tuple[int, ...] = ()
         if not self.detached:
