@@ -79,7 +79,7 @@ setup() {
     say "Environment ready"
   fi
   say "Preparing the embedded model (converted once, then reused)"
-  "$py" -m helpers.embedded_model
+  "$py" -c 'from helpers.embedded_model import ensure_embedded_model; print(ensure_embedded_model())'
 }
 
 cmd=${1:-help}
@@ -89,7 +89,10 @@ case "$cmd" in
   lab)
     setup
     say "Opening JupyterLab on notebooks/ (Ctrl-C to stop; servers started from notebooks end with their kernels)"
-    exec "$(dirname "$(python_bin)")/jupyter" lab --notebook-dir="$ROOT/notebooks" --ServerApp.ip=127.0.0.1 "$@" ;;
+    root_flag=()
+    [ "$(id -u)" = 0 ] && root_flag=(--allow-root)  # containers and CI machines often run as root
+    exec "$(dirname "$(python_bin)")/jupyter" lab --notebook-dir="$ROOT/notebooks" --ServerApp.ip=127.0.0.1 \
+      "${root_flag[@]}" "$@" ;;
   test)
     setup
     say "Running the tests: pytest (unit tests against real vLLM, then every notebook under nbval)"

@@ -75,7 +75,8 @@ def ensure_embedded_model(root: Path | None = None, log=print) -> Path:
     log(f"Converting {source.name} to a safetensors folder (once, about 30 s) ...")
     started = time.monotonic()
     child = subprocess.run(
-        [sys.executable, "-m", "helpers.embedded_model", str(target)],
+        [sys.executable, "-c", "import sys; from helpers.embedded_model import convert, gguf_path;"
+         " from pathlib import Path; convert(gguf_path(), Path(sys.argv[1]))", str(target)],
         env={**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"},
         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
     if child.returncode != 0 or not is_ready(target):
@@ -110,10 +111,3 @@ def convert(source: Path, target: Path) -> None:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-if __name__ == "__main__":  # the child process of ensure_embedded_model, and the set-up script
-    if len(sys.argv) > 1:
-        convert(gguf_path(), Path(sys.argv[1]))
-    else:
-        print(ensure_embedded_model())
