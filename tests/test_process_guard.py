@@ -1,8 +1,9 @@
 """Tests for helpers/process_guard.py with real processes: no vLLM process may outlive its owner.
 
 Every test builds a real process tree (guard -> child -> grandchild) in its own process group
-and checks, through /proc, that the whole group is gone afterwards. Each test kills its group
-with SIGKILL in a ``finally`` block, so a failure leaves nothing running.
+and checks, through /proc, that the whole group is gone afterwards. Each group is killed with
+SIGKILL afterwards (by the ``guards`` fixture's teardown, or in a ``finally`` block), so a
+failure leaves nothing running.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from helpers import process_guard
 from helpers.process_guard import end_group, group_members
+from support import alive, kill_group, wait_for
 
 GUARD = str(Path(process_guard.__file__).resolve())
 GRACE = 2
@@ -26,38 +28,9 @@ GRACE = 2
 
 # --- helpers ----------------------------------------------------------------------------------
 
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-def alive(pid: int) -> bool:
-    """Running (not a zombie): what ``group_members`` counts."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
-
-
 def read_pid(path: Path, timeout: float = 15) -> int:
     assert wait_for(path.exists, timeout), f"{path} never appeared"
     return int(path.read_text())
-
-
-def kill_group(pgid: int | None) -> None:
-    if pgid is None:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def kill_pid(pid: int | None) -> None:
@@ -129,98 +102,99 @@ def group_gone(pgid: int, timeout: float = 10) -> bool:
     return wait_for(lambda: not group_members(pgid), timeout)
 
 
+@pytest.fixture
+def guards():
+    """The guards a test starts; at teardown each one's whole group is SIGKILLed and reaped."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for guard in started:
+        kill_group(guard.pid)
+        guard.wait(timeout=10)
+
+
+@pytest.fixture
+def owned_guard(tmp_path, guards):
+    """``guard, close_owner = owned_guard(child)`` starts a guard the way the server manager
+    does: the guard holds the only read end of a pipe whose write end stands for its owner, and
+    ``close_owner()`` closes that end, as the owner's death would. The ends still open are
+    closed at teardown, before ``guards`` kills the group."""
+    open_fds: set[int] = set()
+
+    def close(fd: int) -> None:
+        if fd in open_fds:
+            open_fds.discard(fd)
+            os.close(fd)
+
+    def start(child: str):
+        r, w = os.pipe()
+        open_fds.update((r, w))
+        guards.append(start_guard(tmp_path, child, owner_fd=r))
+        close(r)
+        return guards[-1], lambda: close(w)
+
+    yield start
+    for fd in list(open_fds):
+        close(fd)
+
+
+@pytest.fixture
+def detached_guard(tmp_path, guards):
+    """``guard = detached_guard(child)`` starts a guard without an owner pipe."""
+    def start(child: str) -> subprocess.Popen:
+        guards.append(start_guard(tmp_path, child, owner_fd=None))
+        return guards[-1]
+
+    return start
+
+
 # --- the guard as a program -------------------------------------------------------------------
 
-def test_owner_closing_its_pipe_ends_the_group(tmp_path):
-    r, w = os.pipe()
-    guard = None
-    try:
-        guard = start_guard(tmp_path, child_code(tmp_path), owner_fd=r)
-        os.close(r)
-        r = None
-        child, grandchild = tree_ready(tmp_path, guard.pid)
-        assert guard.poll() is None  # the owner still holds the pipe: nothing ends
+def test_owner_closing_its_pipe_ends_the_group(tmp_path, owned_guard):
+    guard, close_owner = owned_guard(child_code(tmp_path))
+    child, grandchild = tree_ready(tmp_path, guard.pid)
+    assert guard.poll() is None  # the owner still holds the pipe: nothing ends
 
-        os.close(w)
-        w = None
-        assert group_gone(guard.pid), group_members(guard.pid)
-        assert not alive(child) and not alive(grandchild)
-        assert guard.wait(timeout=10) == 128 + signal.SIGTERM  # the child ended by SIGTERM
-        assert "owner process exited" in guard_log(tmp_path)
-    finally:
-        for fd in (r, w):
-            if fd is not None:
-                os.close(fd)
-        if guard is not None:
-            kill_group(guard.pid)
-            guard.wait(timeout=10)
+    close_owner()
+    assert group_gone(guard.pid), group_members(guard.pid)
+    assert not alive(child) and not alive(grandchild)
+    assert guard.wait(timeout=10) == 128 + signal.SIGTERM  # the child ended by SIGTERM
+    assert "owner process exited" in guard_log(tmp_path)
 
 
-def test_sigterm_to_the_guard_ends_the_group(tmp_path):
-    r, w = os.pipe()
-    guard = None
-    try:
-        guard = start_guard(tmp_path, child_code(tmp_path), owner_fd=r)
-        os.close(r)
-        r = None
-        child, grandchild = tree_ready(tmp_path, guard.pid)
+def test_sigterm_to_the_guard_ends_the_group(tmp_path, owned_guard):
+    guard, _close_owner = owned_guard(child_code(tmp_path))
+    child, grandchild = tree_ready(tmp_path, guard.pid)
 
-        os.kill(guard.pid, signal.SIGTERM)
-        assert group_gone(guard.pid), group_members(guard.pid)
-        assert not alive(child) and not alive(grandchild)
-        assert guard.wait(timeout=10) == 128 + signal.SIGTERM
-        assert "received SIGTERM" in guard_log(tmp_path)
-    finally:
-        for fd in (r, w):
-            if fd is not None:
-                os.close(fd)
-        if guard is not None:
-            kill_group(guard.pid)
-            guard.wait(timeout=10)
+    os.kill(guard.pid, signal.SIGTERM)
+    assert group_gone(guard.pid), group_members(guard.pid)
+    assert not alive(child) and not alive(grandchild)
+    assert guard.wait(timeout=10) == 128 + signal.SIGTERM
+    assert "received SIGTERM" in guard_log(tmp_path)
 
 
-def test_detached_guard_ends_the_group_on_sigterm(tmp_path):
-    guard = None
-    try:
-        guard = start_guard(tmp_path, child_code(tmp_path), owner_fd=None)
-        child, grandchild = tree_ready(tmp_path, guard.pid)
-        os.kill(guard.pid, signal.SIGTERM)
-        assert group_gone(guard.pid), group_members(guard.pid)
-        assert guard.wait(timeout=10) == 128 + signal.SIGTERM
-        assert "(detached)" in guard_log(tmp_path)
-    finally:
-        if guard is not None:
-            kill_group(guard.pid)
-            guard.wait(timeout=10)
+def test_detached_guard_ends_the_group_on_sigterm(tmp_path, detached_guard):
+    guard = detached_guard(child_code(tmp_path))
+    child, grandchild = tree_ready(tmp_path, guard.pid)
+    os.kill(guard.pid, signal.SIGTERM)
+    assert group_gone(guard.pid), group_members(guard.pid)
+    assert guard.wait(timeout=10) == 128 + signal.SIGTERM
+    assert "(detached)" in guard_log(tmp_path)
 
 
-def test_grandchild_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
-    r, w = os.pipe()
-    guard = None
-    try:
-        guard = start_guard(tmp_path, child_code(tmp_path, ignore_term=True), owner_fd=r)
-        os.close(r)
-        r = None
-        child, grandchild = tree_ready(tmp_path, guard.pid)
+def test_grandchild_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path, owned_guard):
+    guard, close_owner = owned_guard(child_code(tmp_path, ignore_term=True))
+    child, grandchild = tree_ready(tmp_path, guard.pid)
 
-        start = time.monotonic()
-        os.close(w)
-        w = None
-        assert group_gone(guard.pid, timeout=GRACE + 10), group_members(guard.pid)
-        took = time.monotonic() - start
-        assert took >= GRACE - 0.5, f"group ended after {took:.1f} s, before the grace period"
-        assert not alive(grandchild)
-        guard.wait(timeout=10)
-        log = guard_log(tmp_path)
-        assert f"still running after {GRACE} s: [{grandchild}]; sending SIGKILL" in log
-        assert "(1 needed SIGKILL)" in log
-    finally:
-        for fd in (r, w):
-            if fd is not None:
-                os.close(fd)
-        if guard is not None:
-            kill_group(guard.pid)
-            guard.wait(timeout=10)
+    start = time.monotonic()
+    close_owner()
+    assert group_gone(guard.pid, timeout=GRACE + 10), group_members(guard.pid)
+    took = time.monotonic() - start
+    assert took >= GRACE - 0.5, f"group ended after {took:.1f} s, before the grace period"
+    assert not alive(grandchild)
+    guard.wait(timeout=10)
+    log = guard_log(tmp_path)
+    assert f"still running after {GRACE} s: [{grandchild}]; sending SIGKILL" in log
+    assert "(1 needed SIGKILL)" in log
 
 
 def test_owner_killed_with_sigkill_ends_the_group(tmp_path):
@@ -259,25 +233,13 @@ def test_owner_killed_with_sigkill_ends_the_group(tmp_path):
         kill_group(guard_pid)
 
 
-def test_child_exiting_by_itself_sweeps_the_group_and_keeps_its_code(tmp_path):
-    r, w = os.pipe()
-    guard = None
-    try:
-        guard = start_guard(tmp_path, child_code(tmp_path, exit_code=3), owner_fd=r)
-        os.close(r)
-        r = None
-        grandchild = read_pid(tmp_path / "grandchild.pid")
-        assert guard.wait(timeout=GRACE + 10) == 3
-        assert group_gone(guard.pid, timeout=5), group_members(guard.pid)
-        assert not alive(grandchild)
-        assert "server exited with code 3" in guard_log(tmp_path)
-    finally:
-        for fd in (r, w):
-            if fd is not None:
-                os.close(fd)
-        if guard is not None:
-            kill_group(guard.pid)
-            guard.wait(timeout=10)
+def test_child_exiting_by_itself_sweeps_the_group_and_keeps_its_code(tmp_path, owned_guard):
+    guard, _close_owner = owned_guard(child_code(tmp_path, exit_code=3))
+    grandchild = read_pid(tmp_path / "grandchild.pid")
+    assert guard.wait(timeout=GRACE + 10) == 3
+    assert group_gone(guard.pid, timeout=5), group_members(guard.pid)
+    assert not alive(grandchild)
+    assert "server exited with code 3" in guard_log(tmp_path)
 
 
 def test_guard_without_a_command_refuses(tmp_path):

@@ -21,15 +21,7 @@ from helpers.errors import (ApiKeyError, ModelNotFoundError, PortInUseError, Ser
 from helpers.process_guard import group_members
 from helpers.server import VLLMServer, port_in_use
 from helpers.server_config import ServerConfig, from_settings
-
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
+from support import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +86,7 @@ def test_out_of_memory_is_named_with_the_log_tail(config):
     assert "VLLM_CPU_KVCACHE_SPACE" in str(failure.value)          # the advice
     assert failure.value.log_tail and failure.value.log_path      # and the evidence
     assert time.monotonic() - started < 150
-    assert wait_until(lambda: group_members(server.pgid) == [], 15)
+    assert wait_for(lambda: group_members(server.pgid) == [], 15)
 
 
 def test_start_serve_and_stop_leaves_no_process(config):
@@ -129,7 +121,7 @@ def test_api_server_killed_midway_leaves_no_orphans(config):
         os.kill(api[0], signal.SIGKILL)
         # vLLM alone leaves EngineCore and its worker running after this (vllm#55510);
         # the guard sees the API server exit and ends the rest of the group.
-        assert wait_until(lambda: group_members(server.pgid) == [], 30), server.processes()
+        assert wait_for(lambda: group_members(server.pgid) == [], 30), server.processes()
         with pytest.raises(ServerDiedError):
             server.health()
     assert not server.alive
@@ -161,8 +153,8 @@ def test_kernel_killed_with_sigkill_takes_its_server_along(config):
         pgid, port = int(found[1]), int(found[2])
         assert len(group_members(pgid)) >= 4
         os.kill(kernel.provisioner.process.pid, signal.SIGKILL)
-        assert wait_until(lambda: group_members(pgid) == [], 30), group_members(pgid)
-        assert wait_until(lambda: not port_in_use(port), 10)
+        assert wait_for(lambda: group_members(pgid) == [], 30), group_members(pgid)
+        assert wait_for(lambda: not port_in_use(port), 10)
     finally:
         client.stop_channels()
         kernel.shutdown_kernel(now=True)

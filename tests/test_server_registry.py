@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import stat
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import pytest
 from helpers import process_guard, server_registry
 from helpers.process_guard import group_members
 from helpers.server_registry import ServerRecord
+from support import alive, kill_group, proc_state, wait_for
 
 GUARD = str(Path(process_guard.__file__).resolve())
 
@@ -29,37 +28,6 @@ def record(**kw) -> ServerRecord:
                 command="python -m vllm.entrypoints.openai.api_server --api-key $VLLM_TUTORIAL_API_KEY")
     base.update(kw)
     return ServerRecord(**base)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-def proc_state(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    return proc_state(pid) not in (None, b"Z", b"X")
-
-
-def kill_group(pgid: int | None) -> None:
-    if pgid is None:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def quiet(*_a, **_k):
