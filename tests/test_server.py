@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -36,6 +38,28 @@ def listener():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
+
+
+def gpu_memory_used_mib() -> int | None:
+    """Memory in use on all GPUs (nvidia-smi), or None on a machine without one."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return sum(int(v) for v in out.split() if v.isdigit())
+
+
+@pytest.fixture
+def gpu_memory_returns():
+    """On a GPU machine: after the test, GPU memory is back to where it was (within 512 MiB).
+    This is what orphaned engine processes break (vllm#55510). On the CPU there is none to check."""
+    before = gpu_memory_used_mib()
+    yield
+    if before is not None:
+        assert wait_for(lambda: gpu_memory_used_mib() <= before + 512, 30), \
+            f"GPU memory in use: {gpu_memory_used_mib()} MiB after, {before} MiB before"
 
 
 def no_new_records(before):
@@ -89,7 +113,7 @@ def test_out_of_memory_is_named_with_the_log_tail(config):
     assert wait_for(lambda: group_members(server.pgid) == [], 15)
 
 
-def test_start_serve_and_stop_leaves_no_process(config):
+def test_start_serve_and_stop_leaves_no_process(config, gpu_memory_returns):
     messages: list[str] = []
     server = VLLMServer(replace(config, api_key="tutorial-test-key")).start(progress=messages.append)
     try:
@@ -101,6 +125,16 @@ def test_start_serve_and_stop_leaves_no_process(config):
         keyless = VLLMServer(replace(server.config, api_key=None))
         with pytest.raises(ApiKeyError, match="VLLM_TUTORIAL_API_KEY"):
             keyless.models()
+        # Another process with the same settings (a second notebook's kernel) reuses this
+        # server through get_server(): same process group, no second record, no second server.
+        env = {**os.environ, "VLLM_TUTORIAL_API_KEY": "tutorial-test-key"}
+        other = subprocess.run(
+            [sys.executable, "-c", "from helpers import get_server; print('GROUP', get_server().pgid)"],
+            capture_output=True, text=True, env=env, timeout=120)
+        assert f"GROUP {server.pgid}" in other.stdout, other.stdout + other.stderr
+        assert "Reusing" in other.stdout
+        assert [r.guard_pid for r in server_registry.load_all()].count(server.pgid) == 1
+        assert len(server_registry.live()) == 1
         reply = server.client().chat.completions.create(
             model=server.name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5)
         assert reply.choices[0].message.content
@@ -113,7 +147,7 @@ def test_start_serve_and_stop_leaves_no_process(config):
     assert all(r.guard_pid != pgid for r in server_registry.load_all())
 
 
-def test_api_server_killed_midway_leaves_no_orphans(config):
+def test_api_server_killed_midway_leaves_no_orphans(config, gpu_memory_returns):
     with VLLMServer(config).start(progress=lambda _msg: None) as server:
         api = [pid for pid, name in server.processes() if "api_server" in name]
         engine = [pid for pid, name in server.processes() if "EngineCore" in name]
@@ -127,7 +161,7 @@ def test_api_server_killed_midway_leaves_no_orphans(config):
     assert not server.alive
 
 
-def test_kernel_killed_with_sigkill_takes_its_server_along(config):
+def test_kernel_killed_with_sigkill_takes_its_server_along(config, gpu_memory_returns):
     from jupyter_client.manager import KernelManager
 
     kernel = KernelManager()
