@@ -36,6 +36,13 @@ RULES = (
           r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0[^\n]*",
           "this GPU has no bfloat16 (compute capability below 8.0, e.g. T4, V100): serve with "
           "dtype='half', as the origin's --dtype=half does (dtype='auto' in the helpers picks it)."),
+    _rule("memory held by another process",
+          r"(?:Free|Available) memory on (?:device|node)[^\n]*on startup is less than desired "
+          r"(?:GPU|CPU) memory utilization[^\n]*",
+          "another process holds the memory this server planned to take: often a second vLLM "
+          "server on the same device, or the orphaned engine of a killed one. Stop it "
+          "(./tutorial.sh status, ./tutorial.sh stop), or lower --gpu-memory-utilization so "
+          "that several servers share the device."),
     _rule("out of memory",
           r"No available memory for the cache blocks|CUDA out of memory|OutOfMemoryError|"
           r"larger than the available KV cache memory|Cannot allocate memory|"

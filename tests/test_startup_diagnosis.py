@@ -143,3 +143,22 @@ def test_phases_of_the_kv_cache_failure_reach_loading_but_not_the_server():
 
 def test_phases_of_an_empty_log():
     assert phases_reached("") == []
+
+
+@pytest.mark.parametrize("line", [
+    # Built from the format strings in vLLM 0.32.0's vllm/v1/worker/utils.py (GPU) and
+    # vllm/v1/worker/cpu_worker.py (CPU); the numbers are examples. On an H100, a second server
+    # started beside one holding 0.9 of the memory failed with "Engine core initialization
+    # failed" and, without this rule, no named cause.
+    "(EngineCore pid=1466) ValueError: Free memory on device cuda:0 (7.55/79.19 GiB) on startup is "
+    "less than desired GPU memory utilization (0.9, 71.27 GiB). Decrease GPU memory utilization or "
+    "reduce GPU memory used by other processes.",
+    "ValueError: Available memory on node 0 (3.10/8.21 GiB) on startup is less than desired CPU "
+    "memory utilization (0.5, 4.10 GiB). On the CPU backend, the `--gpu-memory-utilization` flag ...",
+])
+def test_memory_taken_by_another_server_is_named(line):
+    log = line + "\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    diagnosis = diagnose(log, exit_code=1)
+    assert diagnosis.cause == "memory held by another process"
+    assert "on startup is less than desired" in diagnosis.evidence
+    assert "--gpu-memory-utilization" in diagnosis.advice
