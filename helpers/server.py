@@ -25,11 +25,11 @@ from pathlib import Path
 import requests
 
 from . import server_registry as registry
-from .errors import (ApiKeyError, TutorialError, ModelNotFoundError, NotOwnerError, PortInUseError,
+from .errors import (ApiKeyError, TutorialError, NotOwnerError, PortInUseError,
                      ServerDiedError, ServerStartError, StartupTimeoutError)
 from .model_source import check_model_folder, looks_like_path
 from .process_guard import GRACE_SECONDS, group_members
-from .server_config import ServerConfig, from_settings
+from .server_config import ServerConfig, from_settings, http_url
 from .settings import Settings, load_settings, state_dir
 from .startup_diagnosis import diagnose, phases_reached
 
@@ -79,7 +79,6 @@ class VLLMServer:
         self.detached = detached
         self.record: registry.ServerRecord | None = None
         self.owned = True
-        self.ready_seconds: float | None = None
         self._guard: subprocess.Popen | None = None
         self._owner_fd: int | None = None
         self._log_path: Path | None = None
@@ -103,8 +102,7 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "", "::") else self.config.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.config.host, self.port)
 
     @property
     def base_url(self) -> str:
@@ -240,7 +238,6 @@ class VLLMServer:
                 progress(f"  {elapsed:5.0f} s  {phase}")
                 last_print = time.monotonic()
             if self._answers():
-                self.ready_seconds = elapsed
                 progress(f"  {elapsed:5.0f} s  ready: {self.base_url} serves {self.name!r}")
                 return self
             if elapsed > timeout:

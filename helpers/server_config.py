@@ -27,6 +27,13 @@ CPU_KVCACHE_GIB = "1"
 CPU_MEMORY_UTILIZATION = "0.5"
 
 
+def http_url(host: str, port: int | None) -> str:
+    """Where a client on this machine reaches a server bound to ``host``."""
+    if host in ("0.0.0.0", "", "::"):  # every interface: loopback is one of them
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: str

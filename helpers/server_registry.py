@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .process_guard import group_members
+from .server_config import http_url
 from .settings import state_dir
 
 GUARD_MARK = "process_guard"
@@ -35,8 +36,7 @@ class ServerRecord:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     def describe(self) -> str:
         owner = "detached" if self.owner_pid is None else f"owned by pid {self.owner_pid}"
