@@ -97,8 +97,8 @@ case "$cmd" in
     setup
     say "Running the tests: pytest (unit tests against real vLLM, then every notebook under nbval)"
     exec "$(python_bin)" -m pytest "$@" ;;
-  serve) setup; exec "$(python_bin)" -m helpers.server start ;;
-  stop) exec "$(python_bin)" -m helpers.server stop ;;
-  status) exec "$(python_bin)" -m helpers.server status ;;
+  serve) setup; exec "$(python_bin)" -m helpers start ;;
+  stop) exec "$(python_bin)" -m helpers stop ;;
+  status) exec "$(python_bin)" -m helpers status ;;
   *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac

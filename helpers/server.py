@@ -399,25 +399,3 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
                 progress(f"Reusing {record.describe()}")
             return server.wait_ready(timeout=timeout, progress=progress)
     return VLLMServer(config).start(timeout=timeout, progress=progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m helpers.server start|status|stop``: a detached server for a class or a test run."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m helpers.server")
-    parser.add_argument("action", choices=["start", "status", "stop"])
-    args = parser.parse_args(argv)
-    if args.action == "start":
-        server = VLLMServer(from_settings(), detached=True).start()
-        print(f"detached server ready: {server.base_url} (stop it with: python -m helpers.server stop)")
-    elif args.action == "status":
-        for record in registry.live():
-            print(record.describe())
-    else:
-        for record in registry.live():
-            print(VLLMServer.attach(record).stop(force=True), "-", record.describe())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -195,3 +195,26 @@ def test_kernel_killed_with_sigkill_takes_its_server_along(config, gpu_memory_re
         if pgid:
             for pid in group_members(pgid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_detached_server_from_the_command_line_outlives_its_launcher_until_stopped():
+    # ./tutorial.sh serve|status|stop: a class server that no kernel owns.
+    run = lambda action: subprocess.run([sys.executable, "-m", "helpers", action],  # noqa: E731
+                                        capture_output=True, text=True, timeout=600)
+    started = run("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "detached server ready" in started.stdout
+    try:
+        records = server_registry.live()            # the launcher has exited; the server runs on
+        assert len(records) == 1 and records[0].owner_pid is None
+        pgid = records[0].guard_pid
+        assert len(group_members(pgid)) >= 4
+        assert records[0].url in run("status").stdout
+        stopped = run("stop")
+        assert "none left" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert group_members(pgid) == []
+        assert "no tutorial server is running" in run("status").stdout
+    finally:
+        for record in server_registry.load_all():
+            for pid in group_members(record.guard_pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,39 @@
+"""``python -m helpers start|status|stop`` (what ``./tutorial.sh serve|status|stop`` run).
+
+``start`` launches a detached server for the current settings: it runs until ``stop``, outside
+any kernel, and every notebook's ``get_server()`` with the same model and name reuses it (a
+class on one machine, or a long session). ``status`` lists the running servers; ``stop`` ends
+them all, whoever started them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import server_registry
+from .server import VLLMServer
+from .server_config import from_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers")
+    parser.add_argument("action", choices=["start", "status", "stop"])
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        server = VLLMServer(from_settings(), detached=True).start()
+        print(f"detached server ready: {server.base_url} (stop it with: ./tutorial.sh stop)")
+    elif args.action == "status":
+        records = server_registry.live()
+        for record in records:
+            print(record.describe())
+        if not records:
+            print("no tutorial server is running")
+    else:
+        for record in server_registry.live():
+            print(VLLMServer.attach(record).stop(force=True), "-", record.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
