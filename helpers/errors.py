@@ -51,3 +51,29 @@ class ApiKeyError(TutorialError):
 
 class NotOwnerError(TutorialError):
     """This process did not start the server it was asked to stop."""
+
+
+class StreamError(TutorialError):
+    """A streamed answer did not arrive whole."""
+
+
+class StreamHTTPError(StreamError):
+    """The server refused the request (not 200); ``status`` and the server's own ``message``."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(f"the server answered {status}: {message}")
+
+
+class StreamErrorEvent(StreamError):
+    """The server sent an ``{"error": ...}`` event in the middle of the stream."""
+
+    def __init__(self, message: str, *, type: str | None = None, code: int | str | None = None):
+        self.message, self.type, self.code = message, type, code
+        super().__init__(f"the server reported an error mid-stream ({type or 'error'}"
+                         f"{f', code {code}' if code is not None else ''}): {message}")
+
+
+class StreamInterruptedError(StreamError):
+    """The connection ended before the answer did (no finish reason, no ``[DONE]``)."""
