@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
-from . import hardware
+from . import hardware, log_presets
 from .model_source import resolve_model
 from .settings import Settings, load_settings
 
@@ -108,6 +108,17 @@ def _has_flag(args: tuple[str, ...], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _switch_groups(args: tuple[str, ...]) -> list[list[str]]:
+    """``("--a", "x", "--b")`` -> ``[["--a", "x"], ["--b"]]``: each flag with its value."""
+    groups: list[list[str]] = []
+    for word in args:
+        if word.startswith("--") or not groups:
+            groups.append([word])
+        else:
+            groups[-1].append(word)
+    return groups
+
+
 def from_settings(settings: Settings | None = None, machine: hardware.Machine | None = None,
                   log=print) -> ServerConfig:
     """Resolve the model (converting or downloading it now) and pick the flags for this machine."""
@@ -150,6 +161,12 @@ def from_settings(settings: Settings | None = None, machine: hardware.Machine | 
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB))
         reasons.append((f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}",
                         "GiB of RAM for the KV cache on the CPU backend"))
+    preset = log_presets.resolve(settings.log_preset, log=log)
+    for switch in _switch_groups(preset.args):
+        if not _has_flag(tuple(extra), switch[0]):  # a flag in extra_args wins
+            extra += switch
+    env.update(preset.env)
+    reasons.append((f"log preset {preset.name}", preset.reason))
     if settings.api_key:
         reasons.append(("--api-key", "clients must send `Authorization: Bearer <key>` to /v1"))
     return ServerConfig(

@@ -8,7 +8,8 @@ Values come from three layers, later ones winning:
 
 Keys (TOML name / environment suffix): ``model``, ``served_model_name``, ``host``, ``port``,
 ``dtype``, ``tensor_parallel_size``, ``max_model_len``, ``api_key``, ``extra_args``,
-``startup_timeout``. ``configs/`` holds ready examples, e.g. the origin's Qwen2-7B on two GPUs.
+``startup_timeout``, ``log_preset`` (how loud the server's log is: ``default``, ``quiet``,
+``silent``, ``no-stats``; see ``helpers.log_presets``). ``configs/`` holds ready examples, e.g. the origin's Qwen2-7B on two GPUs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Settings:
     api_key: str | None = None
     extra_args: tuple[str, ...] = ()
     startup_timeout: float = 900.0
+    log_preset: str = "default"
     source: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -83,6 +85,10 @@ def _coerce(key: str, value: object, origin: str) -> object:
         raise SettingsError(f"{origin}: {key} must be a non-empty string, got {value!r}")
     if key == "dtype" and value not in DTYPES:
         raise SettingsError(f"{origin}: dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    if key == "log_preset":
+        from .log_presets import PRESET_NAMES  # imported here: log_presets reads state_dir from us
+        if value.strip() not in PRESET_NAMES:
+            raise SettingsError(f"{origin}: log_preset must be one of {', '.join(PRESET_NAMES)}, got {value!r}")
     return value.strip()
 
 
