@@ -304,10 +304,17 @@ class VLLMServer:
 
     def client(self, **kwargs):
         """An ``openai.OpenAI`` for this server: no hidden retries, a finite timeout."""
+        return self._openai_client("OpenAI", kwargs)
+
+    def async_client(self, **kwargs):
+        """An ``openai.AsyncOpenAI`` for this server, set up like ``client()``."""
+        return self._openai_client("AsyncOpenAI", kwargs)
+
+    def _openai_client(self, kind: str, kwargs: dict):
         import openai
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 120.0)
-        return openai.OpenAI(base_url=self.base_url, api_key=self.config.api_key or "EMPTY", **kwargs)
+        return getattr(openai, kind)(base_url=self.base_url, api_key=self.config.api_key or "EMPTY", **kwargs)
 
     def log_text(self) -> str:
         if self._log_path is None or not self._log_path.exists():

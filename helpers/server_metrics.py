@@ -165,3 +165,19 @@ def timeseries(samples: list[Metrics]) -> dict[str, list]:
                               if firsts else None)
         series["kv_cache"].append(after.value("vllm:kv_cache_usage_perc"))
     return series
+
+
+def wait_for_running(url: str, count: int = 0, timeout: float = 10.0, poll: float = 0.1) -> float:
+    """Wait until the engine runs ``count`` requests; return the seconds it took.
+
+    After a client cancels, vLLM notices the closed connection and aborts the request: this is
+    how a notebook (or a test) sees the cancellation reach the server.
+    """
+    started = time.monotonic()
+    while True:
+        running = running_requests(url)
+        if running == count:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{url} still runs {running} request(s) after {timeout:.0f} s (waited for {count})")
+        time.sleep(poll)

@@ -1,0 +1,199 @@
+"""Watch an answer arrive: a live ipywidgets view with a statistics line and a Stop button.
+
+    from helpers.stream_widget import show_stream, show_streams
+    stream = show_stream(requests_chat(server, "Name three colours.", max_tokens=64))
+    show_streams([requests_chat(server, p, max_tokens=64) for p in prompts])   # side by side
+
+* **Batched updates.** Pieces are collected in Python and the view is redrawn at most every
+  ``interval`` seconds (0.1 s by default) and once at the end, so a fast GPU stream (thousands
+  of tokens/s) costs a handful of front-end updates per second, not one per token.
+* **Stop really stops.** The button cancels the stream: the HTTP connection is closed and vLLM
+  aborts the request (its running-request count drops). The cell keeps running while it
+  streams, and the click still arrives: JupyterLab 4.4+ with ipykernel 7 (the pinned versions)
+  send widget messages on a kernel *subshell*, which is served while the main shell is busy.
+  In a front end without subshells, the kernel's interrupt button (■) stops the stream the same
+  way.
+* **Readable without widgets.** When the stream ends, the answer is also written as ordinary
+  output (Markdown or plain text) with its statistics, so a notebook run headless (nbval,
+  nbconvert) or viewed as a file still shows it; the live text in the widget is then hidden so
+  a live reader does not see it twice.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Sequence
+
+import ipywidgets as widgets
+from IPython.display import Markdown, display
+
+from .chat_stream import ChatStream, Content
+
+INTERVAL = 0.1
+
+
+def _pre(text: str) -> str:
+    return f'<pre style="white-space: pre-wrap; margin: 0; font-size: 0.95em">{html.escape(text)}</pre>'
+
+
+class StreamView:
+    """The widget for one stream: title, growing text, statistics line, Stop button."""
+
+    def __init__(self, title: str = "", *, markdown: bool = True, interval: float = INTERVAL):
+        self.markdown = markdown
+        self.interval = interval
+        self.updates = 0                        # redraws sent to the front end
+        self.stream: ChatStream | None = None
+        self._stop_requested = threading.Event()
+        self.title = widgets.HTML(f"<b>{html.escape(title)}</b>" if title else "")
+        self.body = widgets.Output() if markdown else widgets.HTML()
+        self.status = widgets.HTML("<i>waiting for the first token …</i>")
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger",
+                                          tooltip="close the connection: vLLM aborts the request",
+                                          layout=widgets.Layout(width="90px"))
+        self.stop_button.on_click(lambda _button: self.stop())
+        children = [self.title] if title else []
+        self.widget = widgets.VBox(children + [self.body, widgets.HBox([self.stop_button, self.status])],
+                                   layout=widgets.Layout(border="1px solid #ccc", padding="6px"))
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """What the button does; safe from any thread."""
+        self._stop_requested.set()
+        if self.stream is not None:
+            self.stream.cancel()
+
+    # ------------------------------------------------------------------ drawing
+    def _draw(self, text: str) -> None:
+        if self.markdown:
+            self.body.outputs = ({"output_type": "display_data", "metadata": {},
+                                  "data": {"text/markdown": text, "text/plain": text}},)
+        else:
+            self.body.value = _pre(text)
+        if self.stream is not None:
+            self.status.value = html.escape(str(self.stream.stats))
+        self.updates += 1
+
+    def pump(self, stream: ChatStream) -> ChatStream:
+        """Read ``stream`` to its end (or until Stop), redrawing at most every ``interval`` s."""
+        self.stream = stream
+        if self._stop_requested.is_set():
+            stream.cancel()
+        last = 0.0
+        try:
+            for piece in stream:
+                if isinstance(piece, Content) and piece.index == 0:
+                    now = time.monotonic()
+                    if now - last >= self.interval:
+                        self._draw(stream.text)
+                        last = now
+        except KeyboardInterrupt:                    # the kernel's interrupt button: stop too
+            stream.close()
+        finally:
+            self.stop_button.disabled = True
+            self._draw(stream.text)
+            self.status.value = html.escape(self.outcome())
+        return stream
+
+    def outcome(self) -> str:
+        stream = self.stream
+        if stream is None:
+            return "not started"
+        state = "stopped by you" if stream.cancelled else f"finished: {stream.finish_reason}"
+        return f"{state} · {stream.stats}"
+
+    def leave_plain_output(self) -> None:
+        """Hide the live text and write the answer as ordinary output (survives without widgets)."""
+        if self.stream is None:
+            return
+        self.body.layout.display = "none"
+        text = self.stream.text
+        if self.markdown and text.strip():
+            display(Markdown(text))
+        else:
+            print(text)
+        print(f"[{self.outcome()}]")
+
+
+def show_stream(stream: ChatStream, title: str = "", *, markdown: bool = True,
+                interval: float = INTERVAL) -> ChatStream:
+    """Show one stream live (blocking the cell until it ends or Stop is pressed); return it."""
+    view = StreamView(title, markdown=markdown, interval=interval)
+    display(view.widget)
+    view.pump(stream)
+    view.leave_plain_output()
+    return stream
+
+
+class StreamGrid:
+    """Several streams side by side, each read by its own thread, with one Stop-all button."""
+
+    def __init__(self, titles: Sequence[str], *, markdown: bool = False, interval: float = INTERVAL,
+                 columns: int = 2):
+        self.views = [StreamView(t, markdown=markdown, interval=interval) for t in titles]
+        self.summary = widgets.HTML()
+        self.stop_button = widgets.Button(description="Stop all", icon="stop", button_style="danger")
+        self.stop_button.on_click(lambda _button: self.stop())
+        grid = widgets.GridBox([v.widget for v in self.views],
+                               layout=widgets.Layout(grid_template_columns=f"repeat({columns}, 1fr)"))
+        self.widget = widgets.VBox([grid, widgets.HBox([self.stop_button, self.summary])])
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    def stop(self) -> None:
+        for view in self.views:
+            view.stop()
+
+    def run(self, streams: Sequence[ChatStream], timeout: float = 600.0) -> list[ChatStream]:
+        self.started = time.perf_counter()
+        errors: list[BaseException] = []
+
+        def read(view: StreamView, stream: ChatStream) -> None:
+            try:
+                view.pump(stream)
+            except BaseException as err:  # reported in the cell after the join
+                errors.append(err)
+
+        threads = [threading.Thread(target=read, args=(v, s), daemon=True) for v, s in zip(self.views, streams)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        try:
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            self.stop()
+            for thread in threads:
+                thread.join(10)
+        if any(t.is_alive() for t in threads):
+            self.stop()
+            for thread in threads:
+                thread.join(10)
+        self.ended = time.perf_counter()
+        self.stop_button.disabled = True
+        self.summary.value = html.escape(self.describe(streams))
+        if errors:
+            raise errors[0]
+        return list(streams)
+
+    def describe(self, streams: Sequence[ChatStream]) -> str:
+        tokens = sum(s.stats.tokens for s in streams)
+        wall = (self.ended or time.perf_counter()) - (self.started or 0.0)
+        return (f"{len(streams)} streams at once: {tokens} tokens in {wall:.2f} s = "
+                f"{tokens / wall:.1f} tokens/s in all")
+
+
+def show_streams(streams: Sequence[ChatStream], titles: Sequence[str] | None = None, *,
+                 markdown: bool = False, columns: int = 2, interval: float = INTERVAL) -> list[ChatStream]:
+    """Show several streams at once (continuous batching at work); block until all end."""
+    titles = list(titles) if titles is not None else [f"stream {i + 1}" for i in range(len(streams))]
+    grid = StreamGrid(titles, markdown=markdown, columns=columns, interval=interval)
+    display(grid.widget)
+    grid.run(streams)
+    for view, title in zip(grid.views, titles):
+        view.body.layout.display = "none"
+        print(f"--- {title} [{view.outcome()}]\n{view.stream.text if view.stream else ''}")
+    print(grid.describe(streams))
+    return list(streams)
