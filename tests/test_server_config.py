@@ -260,3 +260,40 @@ def test_non_loopback_host_is_warned_about(model_dir):
     assert "WARNING" in dict(cfg.reasons)["--host 0.0.0.0"]
     cfg = from_settings(Settings(model=str(model_dir)), machine(), log=quiet)
     assert "WARNING" not in dict(cfg.reasons)["--host 127.0.0.1"]
+
+
+# --- log presets --------------------------------------------------------------------------------
+
+def test_default_log_preset_adds_no_flag_or_variable(model_dir):
+    cfg = from_settings(Settings(model=str(model_dir), port=8000), machine(), log=quiet)
+    assert not [a for a in cfg.args() if a.startswith("--") and "log" in a]
+    assert not [k for k in cfg.env if "LOG" in k]
+    assert dict(cfg.reasons)["log preset default"].startswith("vLLM as shipped")
+
+
+def test_quiet_log_preset_reaches_args_env_and_command_line(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TUTORIAL_STATE_DIR", str(tmp_path / "state"))
+    cfg = from_settings(Settings(model=str(model_dir), port=8000, log_preset="quiet"), machine(), log=quiet)
+    assert cfg.args()[-1] == "--disable-uvicorn-access-log"
+    config_file = tmp_path / "state" / "logging" / "filter-stats-logger.json"
+    assert cfg.env["VLLM_LOGGING_CONFIG_PATH"] == str(config_file) and config_file.is_file()
+    line = cfg.command_line()
+    assert line.startswith("VLLM_CONFIGURE_LOGGING=1 VLLM_CPU_KVCACHE_SPACE=1 "
+                           f"VLLM_LOGGING_CONFIG_PATH={config_file} python -m ")
+    assert line.endswith(" --disable-uvicorn-access-log")
+    assert "no stats line" in dict(cfg.reasons)["log preset quiet"]
+
+
+def test_silent_log_preset_flags_and_level(model_dir):
+    cfg = from_settings(Settings(model=str(model_dir), port=8000, log_preset="silent"), machine(), log=quiet)
+    args = cfg.args()
+    assert args[args.index("--uvicorn-log-level") + 1] == "error"
+    assert cfg.env["VLLM_LOGGING_LEVEL"] == "ERROR"
+
+
+def test_a_log_flag_in_extra_args_wins_over_the_preset(model_dir):
+    settings = Settings(model=str(model_dir), port=8000, log_preset="silent",
+                        extra_args=("--uvicorn-log-level=warning",))
+    args = from_settings(settings, machine(), log=quiet).args()
+    assert [a for a in args if a.startswith("--uvicorn-log-level")] == ["--uvicorn-log-level=warning"]
+    assert "error" not in args and "--disable-uvicorn-access-log" in args

@@ -33,6 +33,7 @@ def test_defaults_without_file_or_environment():
     assert s.dtype == "auto"
     assert s.tensor_parallel_size is None
     assert s.extra_args == ()
+    assert s.log_preset == "default"
     assert s.source == ("defaults",)
 
 
@@ -244,3 +245,16 @@ def test_state_dir_from_environment_wins(tmp_path):
 def test_state_dir_expands_user(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert settings.state_dir({"VLLM_TUTORIAL_STATE_DIR": "~/st"}) == tmp_path / "st"
+
+
+def test_log_preset_from_toml_and_environment(tmp_path):
+    cfg = write_toml(tmp_path / "t.toml", 'log_preset = "silent"\n')
+    assert load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)}).log_preset == "silent"
+    env = {"VLLM_TUTORIAL_CONFIG": str(cfg), "VLLM_TUTORIAL_LOG_PRESET": "quiet"}
+    assert load_settings(environ=env).log_preset == "quiet"
+
+
+def test_unknown_log_preset_is_named_with_its_origin():
+    with pytest.raises(SettingsError, match="VLLM_TUTORIAL_LOG_PRESET: log_preset must be one of "
+                                            "default, quiet, silent, no-stats, got 'loud'"):
+        load_settings(environ={"VLLM_TUTORIAL_LOG_PRESET": "loud"})
