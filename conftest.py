@@ -21,8 +21,8 @@ import pytest
 os.environ.setdefault("VLLM_TUTORIAL_STATE_DIR", tempfile.mkdtemp(prefix="vllm-tutorial-tests-"))
 os.environ["PYTHONUNBUFFERED"] = "1"
 
-# Notebooks that need no shared server: 00 checks the machine, 01 launches its own.
-OWN_SERVER = re.compile(r"^0[01]_")
+# Notebooks that need no shared server: 00 checks the machine, 01 and 05 launch their own.
+OWN_SERVER = re.compile(r"^0[015]_")
 
 _shared: dict = {}
 
