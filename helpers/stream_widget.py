@@ -2,7 +2,7 @@
 
     from helpers.stream_widget import show_stream, show_streams
     stream = show_stream(requests_chat(server, "Name three colours.", max_tokens=64))
-    show_streams([requests_chat(server, p, max_tokens=64) for p in prompts])   # side by side
+    show_streams(lambda p: requests_chat(server, p, max_tokens=64), prompts)   # side by side
 
 * **Batched updates.** Pieces are collected in Python and the view is redrawn at most every
   ``interval`` seconds (0.1 s by default) and once at the end, so a fast GPU stream (thousands
@@ -21,10 +21,11 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ipywidgets as widgets
 from IPython.display import Markdown, display
@@ -146,17 +147,19 @@ class StreamGrid:
         for view in self.views:
             view.stop()
 
-    def run(self, streams: Sequence[ChatStream], timeout: float = 600.0) -> list[ChatStream]:
+    def run(self, makers: Sequence[Callable[[], ChatStream]], timeout: float = 600.0) -> list[ChatStream]:
+        """Start every request at once (each thread sends its own), read them all, return them."""
         self.started = time.perf_counter()
         errors: list[BaseException] = []
 
-        def read(view: StreamView, stream: ChatStream) -> None:
+        def read(view: StreamView, make: Callable[[], ChatStream]) -> None:
             try:
-                view.pump(stream)
+                view.pump(make())
             except BaseException as err:  # reported in the cell after the join
+                view.status.value = html.escape(f"failed: {err}")
                 errors.append(err)
 
-        threads = [threading.Thread(target=read, args=(v, s), daemon=True) for v, s in zip(self.views, streams)]
+        threads = [threading.Thread(target=read, args=(v, m), daemon=True) for v, m in zip(self.views, makers)]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + timeout
@@ -165,18 +168,17 @@ class StreamGrid:
                 thread.join(max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
             self.stop()
-            for thread in threads:
-                thread.join(10)
         if any(t.is_alive() for t in threads):
             self.stop()
             for thread in threads:
                 thread.join(10)
         self.ended = time.perf_counter()
         self.stop_button.disabled = True
+        streams = [v.stream for v in self.views if v.stream is not None]
         self.summary.value = html.escape(self.describe(streams))
         if errors:
             raise errors[0]
-        return list(streams)
+        return streams
 
     def describe(self, streams: Sequence[ChatStream]) -> str:
         tokens = sum(s.stats.tokens for s in streams)
@@ -185,15 +187,18 @@ class StreamGrid:
                 f"{tokens / wall:.1f} tokens/s in all")
 
 
-def show_streams(streams: Sequence[ChatStream], titles: Sequence[str] | None = None, *,
+def show_streams(make_stream: Callable[[str], ChatStream], prompts: Sequence[str], *,
                  markdown: bool = False, columns: int = 2, interval: float = INTERVAL) -> list[ChatStream]:
-    """Show several streams at once (continuous batching at work); block until all end."""
-    titles = list(titles) if titles is not None else [f"stream {i + 1}" for i in range(len(streams))]
-    grid = StreamGrid(titles, markdown=markdown, columns=columns, interval=interval)
+    """Send every prompt at once and show the answers side by side (continuous batching at
+    work); block until all end. ``make_stream(prompt)`` starts one stream, e.g.
+    ``lambda p: openai_chat(client, p, model=server.name)``: each thread calls it, so every
+    request is sent at the same moment and read as it arrives.
+    """
+    grid = StreamGrid(prompts, markdown=markdown, columns=columns, interval=interval)
     display(grid.widget)
-    grid.run(streams)
-    for view, title in zip(grid.views, titles):
+    streams = grid.run([functools.partial(make_stream, prompt) for prompt in prompts])
+    for view, prompt in zip(grid.views, prompts):
         view.body.layout.display = "none"
-        print(f"--- {title} [{view.outcome()}]\n{view.stream.text if view.stream else ''}")
+        print(f"--- {prompt} [{view.outcome()}]\n{view.stream.text if view.stream else ''}")
     print(grid.describe(streams))
-    return list(streams)
+    return streams
