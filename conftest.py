@@ -2,10 +2,10 @@
 
 * Servers started during the run are recorded in a private state folder, so the suite neither
   reuses nor disturbs a server a learner has running. Notebook kernels inherit it.
-* One shared vLLM server, started the first time a notebook that needs one runs, serves every
-  notebook after 01 (which demonstrates launching its own). It belongs to the pytest process
-  (so it ends with it, even if pytest is killed), and the notebooks' kernels find it through
-  ``get_server()``, exactly as they find a running server in JupyterLab.
+* One shared vLLM server, started the first time a notebook (or a test asking for the
+  ``shared_server`` fixture) needs one, serves every notebook that does not launch its own.
+  It belongs to the pytest process (so it ends with it, even if pytest is killed), and the
+  notebooks' kernels find it through ``get_server()``, exactly as they find a running server in JupyterLab.
 * At the end the shared server is stopped, and the run fails if any server process is left.
 """
 
@@ -33,6 +33,14 @@ def _start_shared_server():
 
     print("\n[conftest] starting the shared vLLM server for the notebooks ...", flush=True)
     _shared["server"] = VLLMServer(from_settings()).start()
+
+
+@pytest.fixture(scope="session")
+def shared_server():
+    """The run's one shared vLLM server (the same the notebooks use), started on first need."""
+    if "server" not in _shared:
+        _start_shared_server()
+    return _shared["server"]
 
 
 def pytest_runtest_setup(item):

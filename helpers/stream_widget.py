@@ -10,7 +10,8 @@
 * **Stop really stops.** The button cancels the stream: the HTTP connection is closed and vLLM
   aborts the request (its running-request count drops). The cell keeps running while it
   streams, and the click still arrives: JupyterLab 4.4+ with ipykernel 7 (the pinned versions)
-  send widget messages on a kernel *subshell*, which is served while the main shell is busy.
+  send widget messages on a kernel *subshell*, which is served while the main shell is busy
+  (see ``serve_clicks_while_busy`` for the one adjustment ipykernel 7.4 needs).
   In a front end without subshells, the kernel's interrupt button (■) stops the stream the same
   way.
 * **Readable without widgets.** When the stream ends, the answer is also written as ordinary
@@ -33,6 +34,21 @@ from IPython.display import Markdown, display
 from .chat_stream import ChatStream, Content
 
 INTERVAL = 0.1
+
+
+def serve_clicks_while_busy(button: widgets.Button) -> None:
+    """Let a click reach ``button`` while the cell that made it is still running.
+
+    JupyterLab sends the click on a kernel subshell, which ipykernel 7 serves in its own
+    thread. But ipykernel 7.4 routes an incoming widget message to the shell that last
+    published on that widget's comm, overriding the subshell it came on, and for a widget the
+    running cell just created that is the busy main shell: the click would wait for the cell
+    to end. Forgetting that record (it serves replies to requests, which a button never makes)
+    lets the subshell serve the click. tests/test_stream_widget.py checks this in a real kernel.
+    """
+    comm = getattr(button, "comm", None)
+    if comm is not None:
+        comm.__dict__.pop("_reply_subshell_id", None)
 
 
 def _pre(text: str) -> str:
@@ -80,6 +96,7 @@ class StreamView:
     def pump(self, stream: ChatStream) -> ChatStream:
         """Read ``stream`` to its end (or until Stop), redrawing at most every ``interval`` s."""
         self.stream = stream
+        serve_clicks_while_busy(self.stop_button)
         if self._stop_requested.is_set():
             stream.cancel()
         last = 0.0
@@ -159,6 +176,7 @@ class StreamGrid:
                 view.status.value = html.escape(f"failed: {err}")
                 errors.append(err)
 
+        serve_clicks_while_busy(self.stop_button)
         threads = [threading.Thread(target=read, args=(v, m), daemon=True) for v, m in zip(self.views, makers)]
         for thread in threads:
             thread.start()
