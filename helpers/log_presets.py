@@ -105,7 +105,7 @@ class Resolved:
     def reason(self) -> str:
         used = [*self.args, *(f"{k}={v}" for k, v in self.env.items())]
         note = f"; the installed vLLM lacks {', '.join(self.missing)}" if self.missing else ""
-        return f"{self.summary}" + (f" ({' '.join(used)})" if used else "") + note
+        return self.summary + (f" ({' '.join(used)})" if used else "") + note
 
 
 # --------------------------------------------------------------------------- the installed vLLM

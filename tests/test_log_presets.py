@@ -109,9 +109,8 @@ def test_filter_config_keeps_vllms_own_format_and_handler():
     assert set(ours["loggers"]) == {"vllm", "vllm.v1.metrics.loggers"}
 
 
-def test_filter_config_is_valid_for_dictconfig(monkeypatch):
+def test_filter_config_is_valid_for_dictconfig():
     """Applied in this process, the stats logger stops at WARNING and its parent does not."""
-    monkeypatch.setattr(logging.config, "dictConfig", logging.config.dictConfig)
     before = {name: (logging.getLogger(name).level, logging.getLogger(name).handlers[:],
                      logging.getLogger(name).propagate) for name in ("vllm", "vllm.v1.metrics.loggers")}
     try:
