@@ -259,8 +259,12 @@ class AsyncChatStream(_Answer):
         if stats is not None:
             self.stats = stats
         self._sdk = sdk_stream
+        self._iterated = False
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
+        if self._iterated:
+            raise RuntimeError("a stream can be read once")
+        self._iterated = True
         try:
             async for chunk in self._sdk:
                 if self._cancel.is_set():
@@ -269,6 +273,9 @@ class AsyncChatStream(_Answer):
                 for piece in pieces_from_chunk(chunk):
                     self._take(piece)
                     yield piece
+        except GeneratorExit:                      # the reader left the loop: cancel
+            self.cancelled = True
+            raise
         except Exception as err:
             if not self._cancel.is_set():
                 raise _as_stream_error(err, self) from err
@@ -332,7 +339,7 @@ def requests_stream(url: str, body: dict, *, api_key: str | None = None, timeout
     post = (session or requests).post
     try:
         response = post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=timeout)
-    except requests.ConnectionError as err:
+    except (requests.ConnectionError, requests.Timeout) as err:     # refused, or no answer in time
         raise StreamInterruptedError(f"could not reach {url}: {err}") from None
     if response.status_code != 200:
         with response:
@@ -422,9 +429,16 @@ async def async_openai_chat(client: Any, messages: str | list[dict], *, model: s
 def _openai_refusal(err: Exception) -> Exception:
     import openai
     if isinstance(err, openai.APIStatusError):
-        body = err.body if isinstance(err.body, dict) else {}
-        problem = error_in(body) or error_in({"error": body})
-        return StreamHTTPError(err.status_code, problem.message if problem else err.message)
+        body = err.body                      # the SDK gives the "error" object itself, or the text
+        if isinstance(body, dict):
+            problem = error_in(body)
+            message = (problem.message if problem
+                       else str(body.get("message") or body.get("detail") or body)[:500])
+        elif isinstance(body, str) and body.strip():                   # a plain-text answer
+            message = body.strip()[:500]
+        else:
+            message = err.message
+        return StreamHTTPError(err.status_code, message)
     if isinstance(err, openai.APIConnectionError):
         return StreamInterruptedError(f"could not reach the server: {err}")
     return err
