@@ -350,6 +350,7 @@ def requests_stream(url: str, body: dict, *, api_key: str | None = None, timeout
         for raw in response.iter_content(chunk_size=chunk_size):
             for event in decoder.feed(raw):
                 if event.data == DONE:
+                    response.close()                  # the answer is whole: free the connection
                     yield DONE
                     return
                 payload = json.loads(event.data)
@@ -374,23 +375,28 @@ def _server_message(response: requests.Response) -> str:
 
 
 def requests_chat(target: Any, messages: str | list[dict], *, model: str | None = None,
-                  api_key: str | None = None, include_usage: bool = True, **params) -> ChatStream:
+                  api_key: str | None = None, include_usage: bool = True, timeout: float = 120.0,
+                  **params) -> ChatStream:
     """Stream a chat answer with ``requests`` from a ``VLLMServer`` (or a base URL + ``model``)."""
-    base, model, key = _target(target, model, api_key)
-    body = {"model": model, "messages": _messages(messages), **params}
-    if include_usage:
-        body["stream_options"] = {"include_usage": True}
-    return requests_stream(base + "/chat/completions", body, api_key=key)
+    return _requests_generate(target, "chat/completions", {"messages": _messages(messages)}, model, api_key,
+                              include_usage, timeout, params)
 
 
 def requests_completion(target: Any, prompt: str, *, model: str | None = None,
-                        api_key: str | None = None, include_usage: bool = True, **params) -> ChatStream:
+                        api_key: str | None = None, include_usage: bool = True, timeout: float = 120.0,
+                        **params) -> ChatStream:
     """Stream a plain (non-chat) completion with ``requests``."""
+    return _requests_generate(target, "completions", {"prompt": prompt}, model, api_key, include_usage,
+                              timeout, params)
+
+
+def _requests_generate(target: Any, endpoint: str, inputs: dict, model: str | None, api_key: str | None,
+                       include_usage: bool, timeout: float, params: dict) -> ChatStream:
     base, model, key = _target(target, model, api_key)
-    body = {"model": model, "prompt": prompt, **params}
+    body = {"model": model, **inputs, **params}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    return requests_stream(base + "/completions", body, api_key=key)
+    return requests_stream(f"{base}/{endpoint}", body, api_key=key, timeout=timeout)
 
 
 def wrap_openai(sdk_stream: Any, stats: StreamStats | None = None) -> ChatStream:
