@@ -232,12 +232,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--skip-widget", action="store_true", help="no Jupyter kernel here: skip table 2")
     args = parser.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     server = get_server(progress=lambda line: None)
     print(f"server: vLLM {server.version()}, model {server.name!r} at {server.url}")
     client_overhead(server, args.rounds, args.tokens)
-    widget_cost()
+    if not args.skip_widget:
+        widget_cost()
     parser_cost()
     if server.owned:
         server.stop()
