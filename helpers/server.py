@@ -404,5 +404,11 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
             server = VLLMServer.attach(record, config)
             if server is not _OWNED.get(record.guard_pid):
                 progress(f"Reusing {record.describe()}")
+                asked = config.with_port(record.port).command_line()
+                if record.command and record.command != asked:
+                    # Same model and name, other flags (a class server, another log preset):
+                    # reused all the same, so that servers never pile up, but said.
+                    progress(f"  note: it runs with other flags than these settings ask for\n"
+                             f"    running: {record.command}\n    asked:   {asked}")
             return server.wait_ready(timeout=timeout, progress=progress)
     return VLLMServer(config).start(timeout=timeout, progress=progress)

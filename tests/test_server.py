@@ -132,7 +132,13 @@ def test_start_serve_and_stop_leaves_no_process(config, gpu_memory_returns):
             [sys.executable, "-c", "from helpers import get_server; print('GROUP', get_server().pgid)"],
             capture_output=True, text=True, env=env, timeout=120)
         assert f"GROUP {server.pgid}" in other.stdout, other.stdout + other.stderr
-        assert "Reusing" in other.stdout
+        assert "Reusing" in other.stdout and "other flags" not in other.stdout
+        # Settings that differ in flags only (another log preset) still reuse it, and say so.
+        quiet = subprocess.run(
+            [sys.executable, "-c", "from helpers import get_server; print('GROUP', get_server().pgid)"],
+            capture_output=True, text=True, env={**env, "VLLM_TUTORIAL_LOG_PRESET": "quiet"}, timeout=120)
+        assert f"GROUP {server.pgid}" in quiet.stdout, quiet.stdout + quiet.stderr
+        assert "runs with other flags" in quiet.stdout and "--disable-uvicorn-access-log" in quiet.stdout
         assert [r.guard_pid for r in server_registry.load_all()].count(server.pgid) == 1
         assert len(server_registry.live()) == 1
         reply = server.client().chat.completions.create(
