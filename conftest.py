@@ -45,9 +45,16 @@ def shared_server():
 
 def pytest_runtest_setup(item):
     path = getattr(item, "path", None)
-    if path is not None and path.suffix == ".ipynb" and not OWN_SERVER.match(path.name):
+    if path is None or path.suffix != ".ipynb":
+        return
+    if not OWN_SERVER.match(path.name):
         if "server" not in _shared:
             _start_shared_server()
+    elif "server" in _shared:
+        # 01 and 05 start servers of their own: on a GPU the shared one would hold the card's
+        # memory and theirs would fail to start, so it is stopped (and restarted when needed).
+        print(f"\n[conftest] stopping the shared server before {path.name}: {_shared.pop('server').stop()}",
+              flush=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -19,7 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from . import log_presets
+from . import hardware, log_presets
+from . import server_registry as registry
+from .errors import TutorialError
 from .server import VLLMServer
 from .server_config import from_settings
 from .server_metrics import Metrics, Sampler, timeseries
@@ -125,6 +127,15 @@ def run_preset(preset: str, *, settings: Settings | None = None, stats_interval:
     preset that keeps access lines, each scrape writes one).
     """
     config = preset_config(preset, settings, stats_interval, progress=lambda *a: None)
+    others = [record.describe() for record in registry.live()]
+    if others and not hardware.detect().on_cpu:
+        # On the CPU two small servers share the RAM; on a GPU the running one holds most of
+        # the card (--gpu-memory-utilization), and this one would fail its start for memory.
+        raise TutorialError(
+            "this experiment starts a server of its own for each preset, and on a GPU it needs the "
+            f"memory that the running server holds: {'; '.join(others)}. Stop it first: shut down "
+            "the kernels of the notebooks that use it (Kernel > Shut Down Kernel), or run "
+            "./tutorial.sh stop for a detached one.")
     with VLLMServer(config) as server:
         progress(f"[{preset}] serving; running the fixed load")
         startup = server.log_text()

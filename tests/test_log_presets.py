@@ -188,6 +188,24 @@ def test_real_logs_of_the_fixed_load_under_default_and_quiet():
     assert count(quiet_)["info"] >= 80  # the start-up story is still told
 
 
+def test_on_a_gpu_a_running_server_is_named_before_anything_starts(monkeypatch):
+    """On a GPU the running server holds the card's memory: say so, start nothing."""
+    from helpers import hardware, log_experiment
+    from helpers.errors import TutorialError
+    from helpers.server_registry import ServerRecord
+
+    h100 = hardware.Machine("3.12", "2.11.0", "13.0", "2.28", None, None, "vllm", "0.26.0",
+                            gpus=(hardware.Gpu(0, "NVIDIA H100 80GB HBM3", (9, 0), 81559),))
+    running = ServerRecord(guard_pid=4242, host="127.0.0.1", port=8000, model="m", served_model_name="m",
+                           log_path="/dev/null", owner_pid=None, started_at=0.0, command="")
+    monkeypatch.setattr(hardware, "detect", lambda: h100)
+    monkeypatch.setattr(log_experiment.registry, "live", lambda: [running])
+    monkeypatch.setattr(log_experiment.VLLMServer, "start",
+                        lambda *a, **k: pytest.fail("no server may start"))
+    with pytest.raises(TutorialError, match=r"holds: m at http://127.0.0.1:8000.*tutorial.sh stop"):
+        log_experiment.run_preset("quiet")
+
+
 # --- real vLLM ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
