@@ -177,11 +177,21 @@ def stats_source(root: Path | None = None, context: int = 3) -> StatsSource | No
     return None
 
 
-def filter_config(stats_logger: str = STATS_LOGGER) -> dict:
+def formatter_takes_log_level(root: Path) -> bool:
+    """Whether the installed ``NewLineFormatter`` takes ``log_level=`` (0.32.0 does; 0.26.0,
+    which a GPU machine here runs, refuses it and vLLM then fails to start)."""
+    text = "\n".join(_read(p) for p in sorted((root / "logging_utils").glob("*.py")))
+    init = re.search(r"class NewLineFormatter\b.*?def __init__\(([^)]*)\)", text, re.DOTALL)
+    return bool(init and "log_level" in init.group(1))
+
+
+def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True) -> dict:
     """A ``logging.config.dictConfig`` that is vLLM's default one plus one line: the stats
     logger at WARNING. Everything else (format, handler, stream, levels) stays vLLM's."""
     formatter = {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": VLLM_DATE_FORMAT,
-                 "format": VLLM_FORMAT, "log_level": "INFO"}
+                 "format": VLLM_FORMAT}
+    if log_level_kwarg:
+        formatter["log_level"] = "INFO"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -197,11 +207,11 @@ def filter_config(stats_logger: str = STATS_LOGGER) -> dict:
     }
 
 
-def write_filter_config(folder: Path, stats_logger: str = STATS_LOGGER) -> Path:
+def write_filter_config(folder: Path, stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True) -> Path:
     """Write the filtering config into ``folder`` (the state folder, never the repository)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILTER_FILE
-    text = json.dumps(filter_config(stats_logger), indent=2) + "\n"
+    text = json.dumps(filter_config(stats_logger, log_level_kwarg=log_level_kwarg), indent=2) + "\n"
     if _read(path) != text:
         path.write_text(text, encoding="utf-8")
     return path
@@ -241,7 +251,8 @@ def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, 
             if folder is None:
                 from .settings import state_dir
                 folder = state_dir() / "logging"
-            env[switch.name] = str(write_filter_config(folder, source.logger))
+            env[switch.name] = str(write_filter_config(folder, source.logger,
+                                                       log_level_kwarg=formatter_takes_log_level(root)))
         elif switch.is_flag:
             args += switch.words()
         else:

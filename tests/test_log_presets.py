@@ -109,6 +109,16 @@ def test_filter_config_keeps_vllms_own_format_and_handler():
     assert set(ours["loggers"]) == {"vllm", "vllm.v1.metrics.loggers"}
 
 
+def test_the_formatter_gets_log_level_only_where_vllm_takes_it(tmp_path):
+    assert log_presets.formatter_takes_log_level(log_presets.vllm_dir())        # 0.32.0 takes it
+    older = tmp_path / "vllm" / "logging_utils"                                # 0.26.0 refused it
+    older.mkdir(parents=True)
+    (older / "formatter.py").write_text(
+        "class NewLineFormatter(logging.Formatter):\n    def __init__(self, fmt, datefmt=None, style='%'):\n")
+    assert not log_presets.formatter_takes_log_level(tmp_path / "vllm")
+    assert "log_level" not in filter_config(log_level_kwarg=False)["formatters"]["vllm"]
+
+
 def test_filter_config_is_valid_for_dictconfig():
     """Applied in this process, the stats logger stops at WARNING and its parent does not."""
     before = {name: (logging.getLogger(name).level, logging.getLogger(name).handlers[:],
