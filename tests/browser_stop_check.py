@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from helpers import server_registry  # noqa: E402
 from helpers.server import free_port  # noqa: E402
 from helpers.server_metrics import running_requests  # noqa: E402
+from support import wait_for  # noqa: E402  (tests/ is this script's folder, so on sys.path)
 
 CELL = f"""import sys; sys.path.insert(0, {str(ROOT)!r})
 from helpers import get_server
@@ -56,14 +57,11 @@ def running_now() -> int:
         return 0
 
 
-def wait(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+def wait(predicate, timeout: float, what: str):
+    value = wait_for(predicate, timeout, interval=0.25)
+    if not value:
+        raise AssertionError(f"{what}: not within {timeout:.0f} s")
+    return value
 
 
 def check(lab: str, token: str, shots: Path) -> None:
