@@ -5,7 +5,8 @@
 * One shared vLLM server, started the first time a notebook (or a test asking for the
   ``shared_server`` fixture) needs one, serves every notebook that does not launch its own.
   It belongs to the pytest process (so it ends with it, even if pytest is killed), and the
-  notebooks' kernels find it through ``get_server()``, exactly as they find a running server in JupyterLab.
+  notebooks' kernels find it through ``get_server()``, exactly as they find a running server
+  in JupyterLab.
 * At the end the shared server is stopped, and the run fails if any server process is left.
 """
 

@@ -118,9 +118,9 @@ def error_in(payload: Any) -> StreamErrorEvent | None:
 class _Answer:
     """What both the sync and the async stream keep: text per choice, finish, usage, stats."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, stats: StreamStats | None = None):
         self.source = source
-        self.stats = StreamStats.begin()
+        self.stats = stats or StreamStats.begin()
         self.role: str | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
@@ -184,9 +184,7 @@ class ChatStream(_Answer):
 
     def __init__(self, chunks: Iterable[Any], close: Callable[[], None], source: str,
                  done_marker: bool = False, stats: StreamStats | None = None):
-        super().__init__(source)
-        if stats is not None:
-            self.stats = stats
+        super().__init__(source, stats)
         self._chunks = chunks
         self._close = close
         self._done_marker = done_marker
@@ -255,9 +253,7 @@ class AsyncChatStream(_Answer):
     """The same over the async ``openai`` client: ``async for piece in stream``."""
 
     def __init__(self, sdk_stream: Any, stats: StreamStats | None = None):
-        super().__init__("openai (async)")
-        if stats is not None:
-            self.stats = stats
+        super().__init__("openai (async)", stats)
         self._sdk = sdk_stream
         self._iterated = False
 
@@ -408,11 +404,8 @@ def openai_chat(client: Any, messages: str | list[dict], *, model: str, include_
                 **params) -> ChatStream:
     """Stream a chat answer with an ``openai.OpenAI`` client (``server.client()``)."""
     stats = StreamStats.begin()
-    if include_usage:
-        params["stream_options"] = {"include_usage": True}
     try:
-        sdk_stream = client.chat.completions.create(model=model, messages=_messages(messages), stream=True,
-                                                    **params)
+        sdk_stream = client.chat.completions.create(**_openai_request(model, messages, include_usage, params))
     except Exception as err:
         raise _openai_refusal(err) from err
     return wrap_openai(sdk_stream, stats)
@@ -422,14 +415,18 @@ async def async_openai_chat(client: Any, messages: str | list[dict], *, model: s
                             include_usage: bool = True, **params) -> AsyncChatStream:
     """Stream a chat answer with an ``openai.AsyncOpenAI`` client: ``async for piece in ...``."""
     stats = StreamStats.begin()
-    if include_usage:
-        params["stream_options"] = {"include_usage": True}
     try:
-        sdk_stream = await client.chat.completions.create(model=model, messages=_messages(messages),
-                                                          stream=True, **params)
+        sdk_stream = await client.chat.completions.create(**_openai_request(model, messages, include_usage, params))
     except Exception as err:
         raise _openai_refusal(err) from err
     return AsyncChatStream(sdk_stream, stats)
+
+
+def _openai_request(model: str, messages: str | list[dict], include_usage: bool, params: dict) -> dict:
+    """The keyword arguments of a streamed ``chat.completions.create`` (sync or async)."""
+    if include_usage:
+        params = {**params, "stream_options": {"include_usage": True}}
+    return {"model": model, "messages": _messages(messages), "stream": True, **params}
 
 
 def _openai_refusal(err: Exception) -> Exception:
