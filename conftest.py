@@ -6,7 +6,10 @@
   ``shared_server`` fixture) needs one, serves every notebook that does not launch its own.
   It belongs to the pytest process (so it ends with it, even if pytest is killed), and the
   notebooks' kernels find it through ``get_server()``, exactly as they find a running server
-  in JupyterLab.
+  in JupyterLab. On a GPU it is stopped before a notebook that starts servers of its own (they
+  would not find the memory it holds); on the CPU the machine's memory holds both.
+* Every test that starts vLLM, or uses the shared server, carries the ``vllm`` marker (the
+  notebooks too, but for 00, which starts nothing): ``pytest -m "not vllm"`` is the quick run.
 * At the end the shared server is stopped, and the run fails if any server process is left.
 """
 
@@ -19,18 +22,19 @@ import tempfile
 import pytest
 
 # Before anything imports helpers (they read these when called, kernels when they start).
-os.environ.setdefault("VLLM_TUTORIAL_STATE_DIR", tempfile.mkdtemp(prefix="vllm-tutorial-tests-"))
+os.environ.setdefault("TUTORIAL_STATE_DIR", tempfile.mkdtemp(prefix="vllm-tutorial-tests-"))
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 # Notebooks that need no shared server: 00 checks the machine, 01 and 05 launch their own.
 OWN_SERVER = re.compile(r"^0[015]_")
+NO_SERVER = re.compile(r"^00_")
 
 _shared: dict = {}
 
 
 def _start_shared_server():
-    from helpers.server import VLLMServer
-    from helpers.server_config import from_settings
+    from helpers.server.config import from_settings
+    from helpers.server.lifecycle import VLLMServer
 
     print("\n[conftest] starting the shared vLLM server for the notebooks ...", flush=True)
     _shared["server"] = VLLMServer(from_settings()).start()
@@ -44,6 +48,15 @@ def shared_server():
     return _shared["server"]
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = getattr(item, "path", None)
+        if path is not None and path.suffix == ".ipynb" and not NO_SERVER.match(path.name):
+            item.add_marker(pytest.mark.vllm)
+        elif "shared_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
 def pytest_runtest_setup(item):
     path = getattr(item, "path", None)
     if path is None or path.suffix != ".ipynb":
@@ -52,27 +65,21 @@ def pytest_runtest_setup(item):
         if "server" not in _shared:
             _start_shared_server()
     elif "server" in _shared:
-        # 01 and 05 start servers of their own: on a GPU the shared one would hold the card's
-        # memory and theirs would fail to start, so it is stopped (and restarted when needed).
-        print(f"\n[conftest] stopping the shared server before {path.name}: {_shared.pop('server').stop()}",
-              flush=True)
+        from helpers.server import hardware
+
+        if hardware.gpus():
+            print(f"\n[conftest] stopping the shared server before {path.name} (it holds the GPU's "
+                  f"memory): {_shared.pop('server').stop()}", flush=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from helpers import server_registry
-    from helpers.process_guard import group_members
+    from helpers.server import registry
 
     server = _shared.pop("server", None)
     if server is not None:
         print(f"\n[conftest] stopping the shared server: {server.stop()}", flush=True)
-    left = [(r.describe(), group_members(r.guard_pid)) for r in server_registry.load_all()]
-    left = [(d, pids) for d, pids in left if pids]
-    if left:
-        for describe, pids in left:
-            print(f"[conftest] LEFT RUNNING: {describe}: pids {pids}")
-            for pid in pids:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    for record in registry.load_all():
+        pids = record.group().kill()
+        if pids:
+            print(f"[conftest] LEFT RUNNING, now killed: {record.describe()}: pids {pids}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,32 +1,34 @@
-"""Helpers for the vLLM serving walkthrough: each module holds one concern.
+"""Helpers for the vLLM serving walkthrough. Each notebook first shows the plain code a learner
+writes (``vllm serve``, ``curl``, ``requests``, ``openai``), then what a helper here adds.
 
-The notebooks mostly need one call::
+The one call most notebooks need::
 
     from helpers import get_server
     server = get_server()   # reuse the running server for the current settings, or start one
 
-The modules, by concern:
+The package, by concern:
 
-* the server's life: ``settings`` (the one setting), ``model_source`` and ``embedded_model``
-  (what to serve), ``hardware`` and ``server_config`` (the exact command), ``server`` (start,
-  wait, stop), ``process_guard`` and ``server_registry`` (no orphans, no pile-up),
-  ``startup_diagnosis`` (why a start failed), ``__main__`` (a detached class server);
-* streaming: ``sse`` (bytes to events, exactly), ``chat_stream`` (one piece interface over
-  ``requests`` and ``openai``), ``stream_stats``, ``stream_widget`` (live view, Stop),
-  ``stream_loss`` (what the origin's decoding drops);
-* logs and numbers: ``log_presets`` (supported switches only), ``log_experiment`` (notebook
-  05's measured comparison), ``server_metrics`` (``/metrics``);
-* ``errors``: every error the helpers raise.
+* ``settings`` (what to serve, where: ``TUTORIAL_*`` variables or ``tutorial.toml``), ``paths``
+  (where files live, how our variables are named), ``endpoint`` (URL + key + model name: what
+  every request needs), ``errors`` (every error the helpers raise, one family);
+* ``server/``: the server's life (``config``, ``hardware``, ``model_source``,
+  ``embedded_model``, ``lifecycle``, ``guard``, ``registry``, ``diagnosis``);
+* ``stream/``: streamed answers (``sse``, ``chat``, ``stats``, ``widget``);
+* ``logs/``: what a server says (``presets``, ``metrics``);
+* ``lessons/``: code that exists for one lesson's demonstration (``stream_loss``,
+  ``log_experiment``);
+* ``__main__``: ``python -m helpers start|status|stop`` (``./tutorial.sh serve|status|stop``).
 """
 
+from .endpoint import Endpoint
 from .errors import (ApiKeyError, ModelNotFoundError, NotOwnerError, PortInUseError,
-                     ServerDiedError, ServerStartError, StartupTimeoutError, TutorialError)
-from .server import VLLMServer, get_server
-from .server_config import ServerConfig, from_settings
+                     ServerDiedError, ServerStartError, SettingsError, StartupTimeoutError, TutorialError)
+from .server.config import ServerConfig, from_settings
+from .server.lifecycle import VLLMServer, get_server
 from .settings import Settings, load_settings
 
 __all__ = [
-    "ApiKeyError", "ModelNotFoundError", "NotOwnerError", "PortInUseError", "ServerConfig",
-    "ServerDiedError", "ServerStartError", "Settings", "StartupTimeoutError", "TutorialError",
-    "VLLMServer", "from_settings", "get_server", "load_settings",
+    "ApiKeyError", "Endpoint", "ModelNotFoundError", "NotOwnerError", "PortInUseError", "ServerConfig",
+    "ServerDiedError", "ServerStartError", "Settings", "SettingsError", "StartupTimeoutError",
+    "TutorialError", "VLLMServer", "from_settings", "get_server", "load_settings",
 ]

@@ -1,9 +1,9 @@
 """``python -m helpers start|status|stop`` (what ``./tutorial.sh serve|status|stop`` run).
 
-``start`` launches a detached server for the current settings: it runs until ``stop``, outside
-any kernel, and every notebook's ``get_server()`` with the same model and name reuses it (a
-class on one machine, or a long session). ``status`` lists the running servers; ``stop`` ends
-them all, whoever started them.
+``start`` launches a detached server for the current settings (or says that one already runs):
+it runs until ``stop``, outside any kernel, and every notebook's ``get_server()`` with the same
+model and name reuses it (a class on one machine, or a long session). ``status`` lists the
+running servers; ``stop`` ends them all, whoever started them.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import server_registry
-from .server import VLLMServer
-from .server_config import from_settings
+from .server import registry as server_registry
+from .server.lifecycle import VLLMServer, get_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["start", "status", "stop"])
     args = parser.parse_args(argv)
     if args.action == "start":
-        server = VLLMServer(from_settings(), detached=True).start()
+        server = get_server(detached=True)
         print(f"detached server ready: {server.base_url} (stop it with: ./tutorial.sh stop)")
     elif args.action == "status":
         records = server_registry.live()

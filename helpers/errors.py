@@ -1,6 +1,15 @@
 """Every error the helpers raise, each naming its cause in words a learner can act on.
 
 They all derive from ``TutorialError``, so a notebook can catch the family in one clause.
+Errors about a value the learner gave (a setting, a preset name, a GPU too old) are also
+``ValueError``s.
+
+* settings and machine: ``SettingsError``, ``LogPresetError``, ``UnsupportedGpuError``;
+* the model: ``ModelNotFoundError``, ``EmbeddedModelError``;
+* the server's life: ``PortInUseError``, ``ServerStartError`` (``StartupTimeoutError``),
+  ``ServerDiedError``, ``ApiKeyError``, ``NotOwnerError``;
+* streams: ``StreamError`` (``StreamHTTPError``, ``StreamErrorEvent``,
+  ``StreamInterruptedError``), ``IncompleteEventError``.
 """
 
 from __future__ import annotations
@@ -8,6 +17,22 @@ from __future__ import annotations
 
 class TutorialError(RuntimeError):
     """Base class of the helpers' errors."""
+
+
+class SettingsError(TutorialError, ValueError):
+    """A setting is missing, unknown or has a value of the wrong kind."""
+
+
+class LogPresetError(TutorialError, ValueError):
+    """An unknown log preset, or one that needs a vLLM that is not installed."""
+
+
+class UnsupportedGpuError(TutorialError, ValueError):
+    """A GPU that vLLM cannot use (compute capability below 7.0)."""
+
+
+class EmbeddedModelError(TutorialError):
+    """The package holding the embedded model is missing or its file cannot be converted."""
 
 
 class ModelNotFoundError(TutorialError):
@@ -77,3 +102,7 @@ class StreamErrorEvent(StreamError):
 
 class StreamInterruptedError(StreamError):
     """The connection ended before the answer did (no finish reason, no ``[DONE]``)."""
+
+
+class IncompleteEventError(TutorialError):
+    """The byte stream ended inside a Server-Sent Event (no blank line after its last field)."""

@@ -3,13 +3,15 @@
 Values come from three layers, later ones winning:
 
 1. defaults: the embedded SmolLM2-135M-Instruct on 127.0.0.1, a free port;
-2. a TOML file: ``$VLLM_TUTORIAL_CONFIG``, else ``tutorial.toml`` at the repository root;
-3. environment variables ``VLLM_TUTORIAL_<KEY>`` (``VLLM_TUTORIAL_MODEL=...``).
+2. a TOML file: ``$TUTORIAL_CONFIG``, else ``tutorial.toml`` at the repository root;
+3. environment variables ``TUTORIAL_<KEY>`` (``TUTORIAL_MODEL=...``; the old spelling
+   ``VLLM_TUTORIAL_<KEY>`` still works, with a warning: see ``helpers.paths``).
 
 Keys (TOML name / environment suffix): ``model``, ``served_model_name``, ``host``, ``port``,
 ``dtype``, ``tensor_parallel_size``, ``max_model_len``, ``api_key``, ``extra_args``,
 ``startup_timeout``, ``log_preset`` (how loud the server's log is: ``default``, ``quiet``,
-``silent``, ``no-stats``; see ``helpers.log_presets``). ``configs/`` holds ready examples, e.g. the origin's Qwen2-7B on two GPUs.
+``silent``, ``no-stats``; see ``helpers.logs.presets``). ``configs/`` holds ready examples, e.g.
+the origin's Qwen2-7B on two GPUs.
 """
 
 from __future__ import annotations
@@ -21,19 +23,17 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ENV_PREFIX = "VLLM_TUTORIAL_"
+from .errors import SettingsError
+from .logs.presets import PRESET_NAMES
+from .paths import PATH_VARIABLES, REPO_ROOT, SCRIPT_VARIABLES, tutorial_variables
+
 EMBEDDED = "embedded"
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
-class SettingsError(ValueError):
-    """A setting is missing, unknown or has a value of the wrong kind."""
-
-
 @dataclass(frozen=True)
 class Settings:
-    """What the learner asked for; ``helpers.server_config`` turns it into an exact command."""
+    """What the learner asked for; ``helpers.server.config`` turns it into an exact command."""
 
     model: str = EMBEDDED
     served_model_name: str | None = None
@@ -86,7 +86,6 @@ def _coerce(key: str, value: object, origin: str) -> object:
     if key == "dtype" and value not in DTYPES:
         raise SettingsError(f"{origin}: dtype must be one of {', '.join(DTYPES)}, got {value!r}")
     if key == "log_preset":
-        from .log_presets import PRESET_NAMES  # imported here: log_presets reads state_dir from us
         if value.strip() not in PRESET_NAMES:
             raise SettingsError(f"{origin}: log_preset must be one of {', '.join(PRESET_NAMES)}, got {value!r}")
     return value.strip()
@@ -94,21 +93,21 @@ def _coerce(key: str, value: object, origin: str) -> object:
 
 def config_file(environ: os._Environ | dict | None = None) -> Path | None:
     """The TOML file in force, or None. A file named in the environment must exist."""
-    environ = os.environ if environ is None else environ
-    named = environ.get(ENV_PREFIX + "CONFIG")
-    if named:
+    entry = tutorial_variables(environ).get("CONFIG")
+    if entry and entry[1]:
+        name, named = entry
         path = Path(named).expanduser()
         if not path.is_absolute():
             path = Path.cwd() / path
         if not path.is_file():
-            raise SettingsError(f"{ENV_PREFIX}CONFIG names {path}, which is not a file")
+            raise SettingsError(f"{name} names {path}, which is not a file")
         return path
     default = REPO_ROOT / "tutorial.toml"
     return default if default.is_file() else None
 
 
 def load_settings(environ: os._Environ | dict | None = None, **overrides: object) -> Settings:
-    """Defaults, then the TOML file, then ``VLLM_TUTORIAL_*`` variables, then ``overrides``."""
+    """Defaults, then the TOML file, then ``TUTORIAL_*`` variables, then ``overrides``."""
     environ = os.environ if environ is None else environ
     values: dict[str, object] = {}
     sources = ["defaults"]
@@ -122,28 +121,11 @@ def load_settings(environ: os._Environ | dict | None = None, **overrides: object
         for key, value in table.items():
             values[key] = _coerce(key, value, str(path))
         sources.append(str(path))
-    for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+    for suffix, (name, value) in sorted(tutorial_variables(environ).items()):
+        if suffix in PATH_VARIABLES or suffix in SCRIPT_VARIABLES:  # not settings of the server
             continue
-        key = name[len(ENV_PREFIX):].lower()
-        if key in {"state_dir", "cache_dir"}:  # read by other modules
-            continue
-        values[key] = _coerce(key, value, name)
+        values[suffix.lower()] = _coerce(suffix.lower(), value, name)
         sources.append(name)
     for key, value in overrides.items():
         values[key] = _coerce(key, value, "argument")
     return Settings(**values, source=tuple(sources))  # type: ignore[arg-type]
-
-
-def cache_dir(environ: os._Environ | dict | None = None) -> Path:
-    """Where converted models live: ``$VLLM_TUTORIAL_CACHE_DIR`` or ``~/.cache/vllm-tutorial``."""
-    environ = os.environ if environ is None else environ
-    base = environ.get(ENV_PREFIX + "CACHE_DIR") or Path.home() / ".cache" / "vllm-tutorial"
-    return Path(base).expanduser()
-
-
-def state_dir(environ: os._Environ | dict | None = None) -> Path:
-    """Where running servers are recorded and their logs written."""
-    environ = os.environ if environ is None else environ
-    named = environ.get(ENV_PREFIX + "STATE_DIR")
-    return Path(named).expanduser() if named else cache_dir(environ) / "servers"

@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import server_registry  # noqa: E402
 from helpers.server import free_port  # noqa: E402
-from helpers.server_metrics import running_requests  # noqa: E402
+from helpers.logs.metrics import running_requests  # noqa: E402
 from support import wait_for  # noqa: E402  (tests/ is this script's folder, so on sys.path)
 
 CELL = f"""import sys; sys.path.insert(0, {str(ROOT)!r})
 from helpers import get_server
-from helpers.chat_stream import requests_chat
-from helpers.stream_widget import show_stream
+from helpers.stream.chat import requests_chat
+from helpers.stream.widget import show_stream
 server = get_server()
 stream = show_stream(requests_chat(server, "Write a very long essay about the history of tea.", max_tokens=1500,
                                    ignore_eos=True, temperature=0), title="press Stop")"""
@@ -108,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="vllm-tutorial-browser-"))
     state = scratch / "state"
-    os.environ["VLLM_TUTORIAL_STATE_DIR"] = str(state)      # this check's own servers only
+    os.environ["TUTORIAL_STATE_DIR"] = str(state)      # this check's own servers only
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELL)], metadata={
         "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}})
     nbformat.write(nb, scratch / "stop_check.ipynb")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from helpers import settings
-from helpers.settings import SettingsError, load_settings
+from helpers.errors import SettingsError
+from helpers.settings import load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ tensor_parallel_size = 2
 dtype = "half"
 startup_timeout = 60
 """)
-    s = load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+    s = load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
     assert s.model == "/home/hyh/model/Qwen2-7B-Instruct"
     assert s.served_model_name == "Qwen2-7B-Instruct"
     assert s.port == 8000
@@ -72,7 +73,7 @@ host = "127.0.0.1"
 port = 8123
 max_model_len = 4096
 """)
-    s = load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+    s = load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
     assert s.model == "Qwen/Qwen2-7B-Instruct"
     assert s.port == 8123
     assert s.max_model_len == 4096
@@ -81,26 +82,26 @@ max_model_len = 4096
 def test_relative_config_path_is_taken_from_the_working_directory(tmp_path, monkeypatch):
     write_toml(tmp_path / "rel.toml", "port = 8555\n")
     monkeypatch.chdir(tmp_path)
-    assert load_settings(environ={"VLLM_TUTORIAL_CONFIG": "rel.toml"}).port == 8555
+    assert load_settings(environ={"TUTORIAL_CONFIG": "rel.toml"}).port == 8555
 
 
 def test_environment_overrides_toml(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", 'model = "/from/toml"\nport = 8000\ndtype = "half"\n')
     s = load_settings(environ={
-        "VLLM_TUTORIAL_CONFIG": str(cfg),
-        "VLLM_TUTORIAL_MODEL": "/from/env",
-        "VLLM_TUTORIAL_PORT": "9001",
+        "TUTORIAL_CONFIG": str(cfg),
+        "TUTORIAL_MODEL": "/from/env",
+        "TUTORIAL_PORT": "9001",
     })
     assert s.model == "/from/env"
     assert s.port == 9001
     assert s.dtype == "half"  # not overridden: the TOML value stays
-    assert "VLLM_TUTORIAL_MODEL" in s.source and "VLLM_TUTORIAL_PORT" in s.source
+    assert "TUTORIAL_MODEL" in s.source and "TUTORIAL_PORT" in s.source
 
 
 def test_overrides_win_over_environment_and_toml(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", 'model = "/from/toml"\nport = 8000\n')
     s = load_settings(
-        environ={"VLLM_TUTORIAL_CONFIG": str(cfg), "VLLM_TUTORIAL_MODEL": "/from/env"},
+        environ={"TUTORIAL_CONFIG": str(cfg), "TUTORIAL_MODEL": "/from/env"},
         model="/from/argument", port=8200)
     assert s.model == "/from/argument"
     assert s.port == 8200
@@ -108,19 +109,37 @@ def test_overrides_win_over_environment_and_toml(tmp_path):
 
 def test_unrelated_environment_variables_are_ignored():
     s = load_settings(environ={"HOME": "/nowhere", "VLLM_CPU_KVCACHE_SPACE": "4",
-                               "VLLM_TUTORIAL": "x"})
+                               "VLLM_TUTORIAL": "x", "TUTORIAL": "y"})
     assert s.model == "embedded"
+
+
+def test_the_set_up_scripts_own_variables_are_not_settings():
+    s = load_settings(environ={"TUTORIAL_FLAVOR": "cpu", "TUTORIAL_PYTHON": "/usr/bin/python3",
+                               "TUTORIAL_VENV": "/tmp/venv"})
+    assert s.model == "embedded"
+
+
+def test_the_old_names_still_work_with_a_warning_that_names_the_new_one():
+    with pytest.warns(FutureWarning, match="VLLM_TUTORIAL_MODEL is the old name of TUTORIAL_MODEL"):
+        s = load_settings(environ={"VLLM_TUTORIAL_MODEL": "/old/name"})
+    assert s.model == "/old/name"
+    assert "VLLM_TUTORIAL_MODEL" in s.source
+
+
+def test_the_new_name_wins_over_the_old_one():
+    s = load_settings(environ={"VLLM_TUTORIAL_PORT": "8001", "TUTORIAL_PORT": "8002"})
+    assert s.port == 8002
 
 
 def test_unknown_key_in_toml_names_the_key(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", 'modle = "/typo"\n')
     with pytest.raises(SettingsError, match="modle"):
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
 
 
 def test_unknown_environment_variable_names_the_key():
     with pytest.raises(SettingsError, match="gpu_count"):
-        load_settings(environ={"VLLM_TUTORIAL_GPU_COUNT": "2"})
+        load_settings(environ={"TUTORIAL_GPU_COUNT": "2"})
 
 
 def test_unknown_override_names_the_key():
@@ -131,12 +150,12 @@ def test_unknown_override_names_the_key():
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "8000x", ""])
 def test_bad_port_in_environment(value):
     with pytest.raises(SettingsError, match="port"):
-        load_settings(environ={"VLLM_TUTORIAL_PORT": value})
+        load_settings(environ={"TUTORIAL_PORT": value})
 
 
 def test_port_above_65535_is_rejected():
     with pytest.raises(SettingsError, match="port"):
-        load_settings(environ={"VLLM_TUTORIAL_PORT": "70000"})
+        load_settings(environ={"TUTORIAL_PORT": "70000"})
 
 
 @pytest.mark.parametrize("key, value", [
@@ -147,19 +166,19 @@ def test_port_above_65535_is_rejected():
 ])
 def test_bad_numbers_in_environment(key, value):
     with pytest.raises(SettingsError, match=key):
-        load_settings(environ={"VLLM_TUTORIAL_" + key.upper(): value})
+        load_settings(environ={"TUTORIAL_" + key.upper(): value})
 
 
 def test_bad_port_in_toml_names_the_file(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", 'port = "eighty"\n')
     with pytest.raises(SettingsError, match="port") as info:
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
     assert str(cfg) in str(info.value)
 
 
 def test_environment_numbers_are_converted():
-    s = load_settings(environ={"VLLM_TUTORIAL_TENSOR_PARALLEL_SIZE": "2",
-                               "VLLM_TUTORIAL_STARTUP_TIMEOUT": "12.5"})
+    s = load_settings(environ={"TUTORIAL_TENSOR_PARALLEL_SIZE": "2",
+                               "TUTORIAL_STARTUP_TIMEOUT": "12.5"})
     assert s.tensor_parallel_size == 2
     assert s.startup_timeout == 12.5
 
@@ -167,7 +186,7 @@ def test_environment_numbers_are_converted():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "Half"])
 def test_bad_dtype(dtype):
     with pytest.raises(SettingsError, match="dtype"):
-        load_settings(environ={"VLLM_TUTORIAL_DTYPE": dtype})
+        load_settings(environ={"TUTORIAL_DTYPE": dtype})
 
 
 @pytest.mark.parametrize("dtype", ["half", "bfloat16", "float32"])
@@ -177,84 +196,59 @@ def test_good_dtype(dtype):
 
 def test_empty_string_setting_is_rejected():
     with pytest.raises(SettingsError, match="model"):
-        load_settings(environ={"VLLM_TUTORIAL_MODEL": "   "})
+        load_settings(environ={"TUTORIAL_MODEL": "   "})
 
 
 def test_extra_args_string_is_split_like_a_shell():
     s = load_settings(environ={
-        "VLLM_TUTORIAL_EXTRA_ARGS": "--enforce-eager --chat-template '/tmp/my template.jinja'"})
+        "TUTORIAL_EXTRA_ARGS": "--enforce-eager --chat-template '/tmp/my template.jinja'"})
     assert s.extra_args == ("--enforce-eager", "--chat-template", "/tmp/my template.jinja")
 
 
 def test_extra_args_list_in_toml(tmp_path):
     cfg = write_toml(tmp_path / "c.toml",
                      'extra_args = ["--max-num-seqs", "4", "--swap-space", "1"]\n')
-    s = load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+    s = load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
     assert s.extra_args == ("--max-num-seqs", "4", "--swap-space", "1")
 
 
 def test_extra_args_of_the_wrong_kind(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", "extra_args = [1, 2]\n")
     with pytest.raises(SettingsError, match="extra_args"):
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
 
 
 def test_config_variable_naming_a_missing_file(tmp_path):
     missing = tmp_path / "nope.toml"
     with pytest.raises(SettingsError, match="nope.toml"):
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(missing)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(missing)})
 
 
 def test_config_variable_naming_a_folder(tmp_path):
     with pytest.raises(SettingsError, match="not a file"):
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(tmp_path)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(tmp_path)})
 
 
 def test_invalid_toml(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", "model = \n")
     with pytest.raises(SettingsError, match="not valid TOML"):
-        load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)})
+        load_settings(environ={"TUTORIAL_CONFIG": str(cfg)})
 
 
 def test_state_and_cache_dir_variables_are_not_settings(tmp_path):
-    environ = {"VLLM_TUTORIAL_STATE_DIR": str(tmp_path / "state"),
-               "VLLM_TUTORIAL_CACHE_DIR": str(tmp_path / "cache")}
+    environ = {"TUTORIAL_STATE_DIR": str(tmp_path / "state"),
+               "TUTORIAL_CACHE_DIR": str(tmp_path / "cache")}
     assert load_settings(environ=environ).model == "embedded"
-
-
-def test_cache_dir_from_environment(tmp_path):
-    assert settings.cache_dir({"VLLM_TUTORIAL_CACHE_DIR": str(tmp_path / "c")}) == tmp_path / "c"
-
-
-def test_cache_dir_default_is_under_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert settings.cache_dir({}) == tmp_path / ".cache" / "vllm-tutorial"
-
-
-def test_state_dir_defaults_to_servers_under_cache_dir(tmp_path):
-    environ = {"VLLM_TUTORIAL_CACHE_DIR": str(tmp_path / "c")}
-    assert settings.state_dir(environ) == tmp_path / "c" / "servers"
-
-
-def test_state_dir_from_environment_wins(tmp_path):
-    environ = {"VLLM_TUTORIAL_CACHE_DIR": str(tmp_path / "c"),
-               "VLLM_TUTORIAL_STATE_DIR": str(tmp_path / "s")}
-    assert settings.state_dir(environ) == tmp_path / "s"
-
-
-def test_state_dir_expands_user(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert settings.state_dir({"VLLM_TUTORIAL_STATE_DIR": "~/st"}) == tmp_path / "st"
 
 
 def test_log_preset_from_toml_and_environment(tmp_path):
     cfg = write_toml(tmp_path / "t.toml", 'log_preset = "silent"\n')
-    assert load_settings(environ={"VLLM_TUTORIAL_CONFIG": str(cfg)}).log_preset == "silent"
-    env = {"VLLM_TUTORIAL_CONFIG": str(cfg), "VLLM_TUTORIAL_LOG_PRESET": "quiet"}
+    assert load_settings(environ={"TUTORIAL_CONFIG": str(cfg)}).log_preset == "silent"
+    env = {"TUTORIAL_CONFIG": str(cfg), "TUTORIAL_LOG_PRESET": "quiet"}
     assert load_settings(environ=env).log_preset == "quiet"
 
 
 def test_unknown_log_preset_is_named_with_its_origin():
-    with pytest.raises(SettingsError, match="VLLM_TUTORIAL_LOG_PRESET: log_preset must be one of "
+    with pytest.raises(SettingsError, match="TUTORIAL_LOG_PRESET: log_preset must be one of "
                                             "default, quiet, silent, no-stats, got 'loud'"):
-        load_settings(environ={"VLLM_TUTORIAL_LOG_PRESET": "loud"})
+        load_settings(environ={"TUTORIAL_LOG_PRESET": "loud"})

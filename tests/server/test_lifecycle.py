@@ -1,0 +1,233 @@
+"""The server manager against real vLLM (the CPU build here): refusals first, then a shared
+class server started twice at once, then the ways a start can die.
+
+Every test checks that no process of the server's group is left afterwards. (What the API
+server's death mid-way leaves, and the guard ending it, is checked by notebook 01 with a
+strictly compared cell.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from helpers.errors import ApiKeyError, ModelNotFoundError, PortInUseError, ServerStartError
+from helpers.server import guard, registry
+from helpers.server import lifecycle
+from helpers.server.config import ServerConfig, from_settings
+from helpers.server.guard import ProcessGroup
+from helpers.server.lifecycle import VLLMServer, get_server, port_in_use
+from helpers.settings import load_settings
+from support import wait_for
+
+KEY = "tutorial-test-key-7f3a"
+
+
+@pytest.fixture(scope="module")
+def config() -> ServerConfig:
+    return from_settings(log=lambda _m: None)
+
+
+@pytest.fixture
+def listener():
+    """A socket listening on a free loopback port, as another program would."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def gpu_memory_used_mib() -> int | None:
+    """Memory in use on all GPUs (nvidia-smi), or None on a machine without one."""
+    import shutil
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return sum(int(v) for v in out.split() if v.isdigit())
+
+
+@pytest.fixture
+def gpu_memory_returns():
+    """On a GPU machine: after the test, GPU memory is back to where it was (within 512 MiB).
+    This is what orphaned engine processes break (vllm#55510). On the CPU there is none to check."""
+    before = gpu_memory_used_mib()
+    yield
+    if before is not None:
+        assert wait_for(lambda: gpu_memory_used_mib() <= before + 512, 30), \
+            f"GPU memory in use: {gpu_memory_used_mib()} MiB after, {before} MiB before"
+
+
+def records_now() -> set[int]:
+    return {r.guard_pid for r in registry.load_all()}
+
+
+def kill_new_servers(before: set[int]) -> None:
+    for record in registry.load_all():
+        if record.guard_pid not in before:
+            record.group().kill()
+            registry.remove(record)
+
+
+# --- refused before anything starts -------------------------------------------------------------
+
+def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_path):
+    missing = tmp_path / "model" / "Qwen2-7B-Instruct"
+    before = records_now()
+    started = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match=re.escape(str(missing))):
+        get_server(load_settings(environ={}, model=str(missing)), progress=lambda _m: None)
+    assert time.monotonic() - started < 0.5           # no torch probe, no process, no lock wait
+    assert records_now() == before
+
+
+def test_busy_port_is_refused_at_once(listener):
+    before = records_now()
+    started = time.monotonic()
+    with pytest.raises(PortInUseError, match=f"port {listener} "):
+        get_server(load_settings(environ={}, port=listener), progress=lambda _m: None)
+    assert time.monotonic() - started < 2.0
+    assert records_now() == before
+
+
+# --- real vLLM ------------------------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_port_taken_after_the_check_is_named_from_vllms_log(config, listener, monkeypatch):
+    # The port can be taken between our check and vLLM's bind; then vLLM itself fails, and the
+    # error must still say why, as soon as the process exits (vLLM's import takes ~10 s here).
+    monkeypatch.setattr(lifecycle, "port_in_use", lambda *args: False)
+    server = VLLMServer(replace(config, port=listener))
+    started = time.monotonic()
+    with pytest.raises(ServerStartError) as failure:
+        server.start(progress=lambda _msg: None)
+    elapsed = time.monotonic() - started
+    assert failure.value.cause == "port in use"
+    assert "Address already in use" in str(failure.value)
+    assert elapsed < 90, f"took {elapsed:.0f} s: the failure was not noticed when the process exited"
+    assert server.record.group().members() == []
+
+
+def cli(action: str, env: dict, **kw) -> subprocess.Popen:
+    """``python -m helpers ACTION`` (what ./tutorial.sh serve|status|stop run)."""
+    return subprocess.Popen([sys.executable, "-m", "helpers", action], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+@pytest.mark.vllm
+def test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line(
+        gpu_memory_returns):
+    # Two `./tutorial.sh serve` (or two notebooks' get_server()) at the same moment: one server.
+    env = {**os.environ, "TUTORIAL_API_KEY": KEY,
+           "VLLM_TUTORIAL_LOG_PRESET": "default"}     # an old-style name: must not reach vLLM
+    before = records_now()
+    try:
+        first, second = cli("start", env), cli("start", env)
+        outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+        assert first.returncode == 0 and second.returncode == 0, outputs
+        assert all("detached server ready" in out for out in outputs), outputs
+        assert sum("Reusing" in out for out in outputs) == 1, outputs   # the second waited, then reused
+        records = [r for r in registry.live() if r.guard_pid not in before]
+        assert len(records) == 1 and records[0].owner_pid is None
+        record = records[0]
+        server = VLLMServer.attach(record, replace(from_settings(log=lambda _m: None), api_key=KEY))
+        group = record.group()
+        assert len(group.members()) >= 4                      # guard, API server, engine core, worker
+
+        # The key is in no command line (`ps` shows those to every user), and our settings did
+        # not reach vLLM's environment (it warns about every VLLM_* variable it does not know).
+        for pid in group.members():
+            assert KEY not in " ".join(guard.command_of(pid))
+        log = server.log_text()
+        assert "Unknown vLLM environment variable" not in log, log
+        assert [m["id"] for m in server.models()] == [server.name]
+        keyless = VLLMServer.attach(record)
+        with pytest.raises(ApiKeyError, match="TUTORIAL_API_KEY"):
+            keyless.models()
+        reply = server.client().chat.completions.create(
+            model=server.name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5)
+        assert reply.choices[0].message.content
+
+        # A notebook's get_server() in another process reuses it; other flags are said, not hidden.
+        probe = "from helpers import get_server; print('GROUP', get_server().pgid)"
+        quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env={**env, "TUTORIAL_LOG_PRESET": "quiet"})
+        assert f"GROUP {record.guard_pid}" in quiet.stdout, quiet.stdout + quiet.stderr
+        assert "runs with other flags" in quiet.stdout and "--disable-uvicorn-access-log" in quiet.stdout
+
+        status = cli("status", env).communicate(timeout=60)[0]
+        assert record.url in status
+        stopped = cli("stop", env).communicate(timeout=120)[0]
+        assert "none left" in stopped, stopped
+        assert group.members() == []
+        assert not port_in_use(record.port)
+        assert "no tutorial server is running" in cli("status", env).communicate(timeout=60)[0]
+    finally:
+        kill_new_servers(before)
+
+
+@pytest.mark.vllm
+def test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s(gpu_memory_returns):
+    from jupyter_client.manager import KernelManager
+
+    before = records_now()
+    kernel = KernelManager()
+    kernel.start_kernel()
+    client = kernel.client()
+    client.start_channels()
+    group = None
+    try:
+        client.wait_for_ready(timeout=60)
+        client.execute("from helpers import VLLMServer, from_settings\n"
+                       "server = VLLMServer(from_settings()).start()")
+        new = wait_for(lambda: [r for r in registry.load_all() if r.guard_pid not in before], 60)
+        assert new, "the kernel recorded no server"
+        group = new[0].group()
+        names = lambda: [name for _, name in VLLMServer.attach(new[0]).processes()]  # noqa: E731
+        assert wait_for(lambda: any("EngineCore" in n for n in names()), 120), names()
+        # The engine core is starting: the API server ignores SIGTERM until it is up.
+        os.kill(kernel.provisioner.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert group.wait_empty(5.0), f"left after 5 s: {group.members()}"
+        print(f"group ended {time.monotonic() - killed_at:.1f} s after the kernel's SIGKILL")
+    finally:
+        client.stop_channels()
+        kernel.shutdown_kernel(now=True)
+        kill_new_servers(before)
+
+
+@pytest.mark.vllm
+def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(config, gpu_memory_returns):
+    # Seen with tensor parallelism on two GPUs: a worker died with a CUDA error, the API server
+    # and engine core stayed alive, and the wait went on to the timeout. On the CPU vLLM exits by
+    # itself, so here the API server is frozen (SIGSTOP) to hold it alive the same way, and a
+    # worker is killed: the fatal lines in the log must end the start, with the cause named.
+    messages: list[str] = []
+    server = VLLMServer(config)
+    server.launch(messages.append)
+    group = server.record.group()
+    try:
+        workers = lambda: [pid for pid, name in server.processes() if "VLLM::Worker" in name]  # noqa: E731
+        assert wait_for(workers, 120), server.processes()
+        api = next(pid for pid, name in server.processes() if "api_server" in name)
+        os.kill(api, signal.SIGSTOP)
+        os.kill(workers()[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(ServerStartError) as failure:
+            server.wait_ready(progress=messages.append)
+        took = time.monotonic() - killed_at
+        assert took < 10, f"the failed start was noticed after {took:.0f} s"
+        assert failure.value.cause in ("a worker died", "engine core failed"), str(failure.value)
+        assert "and it was stopped" in str(failure.value)
+        assert group.members() == []
+    finally:
+        group.kill()
