@@ -79,7 +79,7 @@ setup() {
     say "Environment ready"
   fi
   say "Preparing the embedded model (converted once, then reused)"
-  "$py" -c 'from helpers.embedded_model import ensure_embedded_model; print(ensure_embedded_model())'
+  "$py" -c 'from helpers.server.embedded_model import ensure_embedded_model; print(ensure_embedded_model())'
 }
 
 cmd=${1:-help}
