@@ -1,4 +1,5 @@
-"""Tests for helpers/startup_diagnosis.py against real vLLM 0.32.0 logs (tests/data/vllm_logs)."""
+"""Tests for helpers/server/diagnosis.py against real vLLM 0.32.0 logs (tests/data/vllm_logs), and
+the troubleshooting page generated from its rules."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.server.diagnosis import RULES, diagnose, phases_reached
+from helpers.paths import REPO_ROOT
+from helpers.server.diagnosis import FATAL_RULES, RULES, diagnose, fatal_sign, phases_reached, troubleshooting_markdown
 
 LOGS = Path(__file__).resolve().parent.parent / "data" / "vllm_logs"
 
@@ -162,3 +164,34 @@ def test_memory_taken_by_another_server_is_named(line):
     assert diagnosis.cause == "memory held by another process"
     assert "on startup is less than desired" in diagnosis.evidence
     assert "--gpu-memory-utilization" in diagnosis.advice
+
+
+@pytest.mark.parametrize("rule", RULES + FATAL_RULES, ids=lambda rule: rule.name)
+def test_every_rule_recognises_its_own_example_and_has_both_languages(rule):
+    assert rule.pattern.search(rule.example), rule.example
+    assert diagnose(rule.example).cause == rule.name
+    assert rule.advice and rule.name_zh and rule.advice_zh
+
+
+def test_examples_from_recorded_logs_are_real_lines():
+    recorded = "\n".join(read_log(path.name) for path in LOGS.glob("*.log"))
+    real = [rule.name for rule in RULES + FATAL_RULES if rule.example in recorded]
+    assert {"model not found", "port in use", "out of memory", "max_model_len too large",
+            "a worker died", "engine core failed"} <= set(real)
+
+
+def test_a_worker_killed_during_start_is_named_by_the_first_sign_not_the_last():
+    # vLLM 0.32.0 (CPU): the worker was SIGKILLed; the engine core then failed, and the API
+    # server reported EngineDeadError. The root cause is the first of these signs.
+    text = read_log("worker_killed.log")
+    assert diagnose(text).cause == "a worker died"
+    assert "died unexpectedly (exit code: -9)" in diagnose(text).evidence
+    assert fatal_sign(text).cause == "a worker died"
+    assert fatal_sign(read_log("ready.log")) is None
+
+
+def test_the_troubleshooting_page_is_generated_from_the_rules():
+    page = (REPO_ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    assert page == troubleshooting_markdown(), "regenerate: python -m helpers troubleshooting > docs/troubleshooting.md"
+    for rule in RULES + FATAL_RULES:
+        assert f"### {rule.name} · {rule.name_zh}" in page and rule.example in page
