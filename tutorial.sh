@@ -10,6 +10,8 @@
 # The set-up is idempotent: it records what it installed in the environment and does nothing
 # the second time unless a requirements file changed. It picks vLLM's CUDA build when
 # nvidia-smi sees a GPU and the CPU build otherwise (override: TUTORIAL_FLAVOR=cpu|gpu).
+# TUTORIAL_FLAVOR=client is a student's light set-up for a class: no vLLM and no torch, only
+# what talks to the teacher's server (TUTORIAL_SERVER_URL and TUTORIAL_API_KEY).
 # Environment: .venv here (override: TUTORIAL_VENV=dir), or an existing interpreter such as a
 # conda environment's (TUTORIAL_PYTHON=/path/to/python), which is then used as it is.
 set -euo pipefail
@@ -46,22 +48,30 @@ pip_install() {  # pip install, showing one line per package while it works; the
 setup() {
   local flavor stamp_file stamp base
   flavor=$(flavor)
-  case "$flavor" in cpu|gpu) ;; *) die "TUTORIAL_FLAVOR must be cpu or gpu, not '$flavor'";; esac
+  case "$flavor" in cpu|gpu|client) ;; *) die "TUTORIAL_FLAVOR must be cpu, gpu or client, not '$flavor'";; esac
   py=$(python_bin)
   if [ ! -x "$py" ]; then
     [ -z "${TUTORIAL_PYTHON:-}" ] || die "TUTORIAL_PYTHON=$TUTORIAL_PYTHON is not an executable"
     base=${PYTHON:-python3}
-    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
-      || die "needs Python 3.10 or newer as '$base' (set PYTHON=/path/to/python3.11)"
+    "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+      || die "needs Python 3.11 or newer as '$base' (set PYTHON=/path/to/python3.11)"
     say "Creating the virtual environment ${TUTORIAL_VENV:-.venv} with $("$base" --version)"
     "$base" -m venv "${TUTORIAL_VENV:-$ROOT/.venv}"
   fi
   stamp_file="$("$py" -c 'import sys; print(sys.prefix)')/.vllm-tutorial-installed"
-  stamp="$flavor $(cat requirements/common.txt "requirements/$flavor.txt" pyproject.toml | sha256sum | cut -c1-16)"
+  stamp="$flavor $(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)"
   if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
-    say "Environment up to date ($flavor build of vLLM; $py)"
+    say "Environment up to date ($flavor set; $py)"
+  elif [ "$flavor" = client ]; then
+    say "Installing the client set (requirements/client.txt): no vLLM, no torch"
+    pip_install -r requirements/client.txt
+    pip_install --no-deps -e .        # builds with its own setuptools (the venv's may be too old)
+    "$py" -c 'import openai, requests, ipywidgets, nbval, helpers' \
+      || die "the environment does not import; see the messages above"
+    echo "$stamp" > "$stamp_file"
+    say "Environment ready"
   else
-    say "Installing the $flavor set (requirements/$flavor.txt); about 3 minutes on a fresh machine"
+    say "Installing the $flavor set (requirements/$flavor.txt); 3-6 minutes on a fresh machine"
     local index=()
     [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
     pip_install "${index[@]}" -r "requirements/$flavor.txt"
@@ -78,8 +88,12 @@ setup() {
     echo "$stamp" > "$stamp_file"
     say "Environment ready"
   fi
-  say "Preparing the embedded model (converted once, then reused)"
-  "$py" -c 'from helpers.server.embedded_model import ensure_embedded_model; print(ensure_embedded_model())'
+  if [ "$flavor" = client ]; then
+    [ -n "${TUTORIAL_SERVER_URL:-}" ] || say "Client set: set TUTORIAL_SERVER_URL and TUTORIAL_API_KEY to the class server your teacher gave you"
+  else
+    say "Preparing the embedded model (converted once, then reused)"
+    "$py" -c 'from helpers.server.embedded_model import ensure_embedded_model; print(ensure_embedded_model())'
+  fi
 }
 
 cmd=${1:-help}

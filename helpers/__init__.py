@@ -25,10 +25,12 @@ from .errors import (ApiKeyError, ModelNotFoundError, NotOwnerError, PortInUseEr
                      ServerDiedError, ServerStartError, SettingsError, StartupTimeoutError, TutorialError)
 from .server.config import ServerConfig, from_settings
 from .server.lifecycle import VLLMServer, get_server
+from .server.remote import RemoteServer, local_server_only
 from .settings import Settings, load_settings
 
 __all__ = [
     "ApiKeyError", "Endpoint", "ModelNotFoundError", "NotOwnerError", "PortInUseError", "ServerConfig",
     "ServerDiedError", "ServerStartError", "Settings", "SettingsError", "StartupTimeoutError",
-    "TutorialError", "VLLMServer", "from_settings", "get_server", "load_settings",
+    "RemoteServer", "TutorialError", "VLLMServer", "from_settings", "get_server", "load_settings",
+    "local_server_only",
 ]

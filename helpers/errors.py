@@ -7,7 +7,8 @@ Errors about a value the learner gave (a setting, a preset name, a GPU too old) 
 * settings and machine: ``SettingsError``, ``LogPresetError``, ``UnsupportedGpuError``;
 * the model: ``ModelNotFoundError``, ``EmbeddedModelError``;
 * the server's life: ``PortInUseError``, ``ServerStartError`` (``StartupTimeoutError``),
-  ``ServerDiedError``, ``ApiKeyError``, ``NotOwnerError``;
+  ``ServerDiedError``, ``ApiKeyError``, ``NotOwnerError``; a server elsewhere:
+  ``ServerUnreachableError``, ``ModelNotServedError``;
 * streams: ``StreamError`` (``StreamHTTPError``, ``StreamErrorEvent``,
   ``StreamInterruptedError``), ``IncompleteEventError``.
 """
@@ -72,6 +73,14 @@ class ServerDiedError(TutorialError):
 
 class ApiKeyError(TutorialError):
     """The server wants an API key and none (or a wrong one) was given."""
+
+
+class ServerUnreachableError(TutorialError):
+    """Nothing answers at the server URL a student was given (or it is not ready)."""
+
+
+class ModelNotServedError(TutorialError):
+    """The server answers, but does not serve the model the settings ask for."""
 
 
 class NotOwnerError(TutorialError):

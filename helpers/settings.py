@@ -10,8 +10,9 @@ Values come from three layers, later ones winning:
 Keys (TOML name / environment suffix): ``model``, ``served_model_name``, ``host``, ``port``,
 ``dtype``, ``tensor_parallel_size``, ``max_model_len``, ``api_key``, ``extra_args``,
 ``startup_timeout``, ``log_preset`` (how loud the server's log is: ``default``, ``quiet``,
-``silent``, ``no-stats``; see ``helpers.logs.presets``). ``configs/`` holds ready examples, e.g.
-the origin's Qwen2-7B on two GPUs.
+``silent``, ``no-stats``; see ``helpers.logs.presets``), ``server_url`` (a server elsewhere, such
+as a class server: ``get_server()`` then connects to it with ``api_key`` and starts nothing).
+``configs/`` holds ready examples, e.g. the origin's Qwen2-7B on two GPUs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Settings:
     extra_args: tuple[str, ...] = ()
     startup_timeout: float = 900.0
     log_preset: str = "default"
+    server_url: str | None = None       # a server elsewhere (a class server): connect, start nothing
     source: tuple[str, ...] = field(default=(), compare=False)
 
     @property

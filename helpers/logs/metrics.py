@@ -4,7 +4,7 @@ The periodic "Avg prompt throughput ..." log line is a summary of these same cou
 them directly gives the numbers without any log noise::
 
     from helpers.logs.metrics import scrape
-    m = scrape(server.url)
+    m = scrape(server)                             # a server, an Endpoint (sends its key), or a URL
     m.value("vllm:num_requests_running")           # summed over every label set
     m.value("vllm:request_success_total", finished_reason="abort")
 """
@@ -14,8 +14,11 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
+
+from ..endpoint import as_endpoint
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
@@ -66,16 +69,20 @@ def parse(text: str) -> Metrics:
     return Metrics(tuple(samples))
 
 
-def scrape(url: str, timeout: float = 5.0) -> Metrics:
-    """``GET {url}/metrics`` and parse it (``url`` is the server's root, e.g. ``server.url``)."""
-    reply = requests.get(url.rstrip("/") + "/metrics", timeout=timeout)
+def scrape(target: Any, timeout: float = 5.0) -> Metrics:
+    """``GET /metrics`` and parse it. ``target`` is a server or an ``Endpoint`` (its key is sent:
+    a class gateway asks for one), or the server's root URL as a string (no key)."""
+    if isinstance(target, str):
+        reply = requests.get(target.rstrip("/") + "/metrics", timeout=timeout)
+    else:
+        reply = as_endpoint(target).get("/metrics", timeout=timeout)
     reply.raise_for_status()
     return parse(reply.text)
 
 
-def running_requests(url: str) -> int:
+def running_requests(target: Any) -> int:
     """How many requests the engine is generating for right now."""
-    return int(scrape(url).value("vllm:num_requests_running"))
+    return int(scrape(target).value("vllm:num_requests_running"))
 
 
 # --------------------------------------------------------------------------- over time
@@ -93,17 +100,17 @@ def histogram_mean(metrics: Metrics, name: str, **labels: str) -> float | None:
 class Sampler:
     """Scrape ``/metrics`` every ``every`` seconds in a background thread, while a load runs::
 
-        with Sampler(server.url, every=0.5) as sampler:
+        with Sampler(server, every=0.5) as sampler:
             run_the_load()
         series = timeseries(sampler.samples)
 
     A failed scrape is skipped (counted in ``errors``): sampling must never break the load.
     """
 
-    def __init__(self, url: str, every: float = 0.5, timeout: float = 5.0):
+    def __init__(self, target: Any, every: float = 0.5, timeout: float = 5.0):
         import threading
 
-        self.url, self.every, self.timeout = url, every, timeout
+        self.target, self.every, self.timeout = target, every, timeout
         self.samples: list[Metrics] = []
         self.errors = 0
         self._stop = threading.Event()
@@ -112,7 +119,7 @@ class Sampler:
     def _run(self) -> None:
         while True:
             try:
-                self.samples.append(scrape(self.url, timeout=self.timeout))
+                self.samples.append(scrape(self.target, timeout=self.timeout))
             except (requests.RequestException, ValueError):
                 self.errors += 1
             if self._stop.wait(self.every):
@@ -127,7 +134,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         try:
-            self.samples.append(scrape(self.url, timeout=self.timeout))
+            self.samples.append(scrape(self.target, timeout=self.timeout))
         except (requests.RequestException, ValueError):
             self.errors += 1
         return self.samples
@@ -167,7 +174,7 @@ def timeseries(samples: list[Metrics]) -> dict[str, list]:
     return series
 
 
-def wait_for_running(url: str, count: int = 0, timeout: float = 10.0, poll: float = 0.1) -> float:
+def wait_for_running(target: Any, count: int = 0, timeout: float = 10.0, poll: float = 0.1) -> float:
     """Wait until the engine runs ``count`` requests; return the seconds it took.
 
     After a client cancels, vLLM notices the closed connection and aborts the request: this is
@@ -175,9 +182,9 @@ def wait_for_running(url: str, count: int = 0, timeout: float = 10.0, poll: floa
     """
     started = time.monotonic()
     while True:
-        running = running_requests(url)
+        running = running_requests(target)
         if running == count:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{url} still runs {running} request(s) after {timeout:.0f} s (waited for {count})")
+            raise TimeoutError(f"{getattr(target, 'url', target)} still runs {running} request(s) after {timeout:.0f} s (waited for {count})")
         time.sleep(poll)

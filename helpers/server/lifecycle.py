@@ -425,9 +425,13 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
     for a class) is found through the registry and reused, so servers never pile up; two
     calls at the same moment (two notebooks opened together) start one server, and the second
     waits for it. A new one belongs to this kernel and ends with it (``detached=True``: it runs
-    until ``./tutorial.sh stop``).
+    until ``./tutorial.sh stop``). With ``server_url`` set, nothing starts: a ``RemoteServer``
+    connects to that server (a class server) with the settings' key.
     """
     settings = settings or load_settings()
+    if settings.server_url:
+        from .remote import RemoteServer
+        return RemoteServer.connect(settings, progress)
     config = from_settings(settings, log=progress)
     with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
         server = _running(config, settings, progress)

@@ -88,8 +88,10 @@ def test_timeseries_turns_counters_into_rates_per_interval():
 
 class _Handler(BaseHTTPRequestHandler):
     body = (DATA / "vllm_metrics_0.32.0.txt").read_bytes()
+    authorizations: list = []
 
     def do_GET(self):
+        self.authorizations.append(self.headers.get("Authorization"))
         self.send_response(200 if self.path == "/metrics" else 404)
         self.end_headers()
         self.wfile.write(self.body)
@@ -122,3 +124,13 @@ def test_sampler_skips_failed_scrapes():
     sampler = Sampler("http://127.0.0.1:9", every=0.01, timeout=0.5).start()
     threading.Event().wait(0.05)
     assert sampler.stop() == [] and sampler.errors >= 2
+
+
+def test_scrape_of_an_endpoint_sends_its_key(fake_vllm):
+    # A class gateway answers /metrics only with a student's key.
+    from helpers.endpoint import Endpoint
+
+    _Handler.authorizations.clear()
+    assert running_requests(Endpoint(fake_vllm, "m", "sk-student")) == 0
+    assert scrape(fake_vllm).value("vllm:generation_tokens_total") == 32
+    assert _Handler.authorizations == ["Bearer sk-student", None]

@@ -1,0 +1,72 @@
+"""The walkthrough's form, checked on the saved notebooks (nbval runs their code; this checks how
+they teach): each lesson has a time estimate, a summary and exercises whose solutions exist; every
+text cell stands in English and in Chinese; most code cells are plain code a learner would write;
+saved outputs carry no paths of the machine that ran them."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from helpers.paths import REPO_ROOT
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+LESSONS = sorted(NOTEBOOKS.glob("0*.ipynb"))
+SOLUTIONS = sorted((NOTEBOOKS / "solutions").glob("*.ipynb"))
+CHINESE = "\n---\n\n**中文**\n"
+
+
+def cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def test_the_walkthrough_is_there():
+    assert [p.name[:2] for p in LESSONS][:6] == ["00", "01", "02", "03", "04", "05"]
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_a_lesson_opens_with_its_time_and_ends_with_a_summary_and_exercises(path):
+    first, last = source(cells(path)[0]), source(cells(path)[-1])
+    assert re.search(r"\*About \d+ minutes", first) and re.search(r"约 \d+ 分钟", first), first[:300]
+    for heading in ("## Summary", "**Exercises**", "## 小结", "**练习**"):
+        assert heading in last, f"{path.name}: no {heading!r} in the last cell"
+    solution = f"solutions/{path.stem}_solutions.ipynb"
+    assert solution in last and (NOTEBOOKS / solution).is_file()
+    assert len(re.findall(r"^\d\. ", last.split("**Exercises**")[1].split(CHINESE)[0], re.M)) >= 3
+
+
+@pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
+def test_every_text_cell_stands_in_english_and_in_chinese(path):
+    for cell in cells(path):
+        if cell["cell_type"] == "markdown":
+            english, _, chinese = source(cell).partition(CHINESE)
+            assert english.strip() and chinese.strip(), source(cell)[:200]
+            quoted = english.replace("算力", "")        # the origin's own word, quoted in English
+            assert re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"[\u4e00-\u9fff]", quoted), \
+                source(cell)[:200]
+            assert "笔记本" not in chinese, "the term list (docs/glossary.md) says notebook, not 笔记本"
+
+
+def test_most_code_cells_of_lessons_01_to_05_are_plain_code():
+    code = [source(c) for p in LESSONS if p.name[:2] in {"01", "02", "03", "04", "05"}
+            for c in cells(p) if c["cell_type"] == "code"]
+    plain = [s for s in code if not re.search(r"^\s*(from|import) helpers\b", s, re.M)]
+    assert len(plain) / len(code) >= 0.4, f"{len(plain)} of {len(code)} code cells import nothing from helpers"
+
+
+@pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
+def test_saved_outputs_carry_no_paths_of_the_machine(path):
+    home, temp = str(Path.home()), tempfile.gettempdir()
+    for cell in cells(path):
+        for output in cell.get("outputs", []):
+            text = json.dumps(output, ensure_ascii=False)
+            assert home + "/" not in text and str(REPO_ROOT) not in text, text[:300]
+            assert not re.search(re.escape(temp) + r"/(?!…)", text), text[:300]
