@@ -12,6 +12,7 @@ GPUs) fails within seconds instead of at the timeout.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 
@@ -195,6 +196,46 @@ PHASES = (
 def phases_reached(log_text: str) -> list[str]:
     """The start-up phases found in the log, in order."""
     return [label for marker, label in PHASES if marker in log_text]
+
+
+class StartWatch:
+    """What a start has shown so far: the phases reached, and whether it has failed.
+
+    A fatal sign in the log, or a worker process that was there and is gone, is a failure once
+    ``settle`` seconds have passed without vLLM exiting by itself (its own exit gives a fuller
+    log; an API server that stays alive after its engine died would hang the start).
+    """
+
+    def __init__(self, settle: float = 2.0, clock=time.monotonic):
+        self.settle, self.clock = settle, clock
+        self.phases: list[str] = []
+        self._workers: set[int] = set()
+        self._sign: tuple[float, Diagnosis] | None = None
+
+    @property
+    def last(self) -> str | None:
+        return self.phases[-1] if self.phases else None
+
+    def new_phases(self, log_text: str) -> list[str]:
+        """The phases reached since the last call."""
+        new = phases_reached(log_text)[len(self.phases):]
+        self.phases += new
+        return new
+
+    def failed(self, log_text: str, workers: list[int]) -> Diagnosis | None:
+        """The failure to act on now, or None."""
+        if self._sign is None:
+            sign = fatal_sign(log_text)
+            lost = self._workers - set(workers)
+            if sign is None and lost:
+                sign = Diagnosis("a worker died", f"worker process(es) {sorted(lost)} exited during start-up",
+                                 "the log says why.")
+            self._workers |= set(workers)
+            if sign is not None:
+                self._sign = (self.clock(), sign)
+        if self._sign is not None and self.clock() - self._sign[0] > self.settle:
+            return self._sign[1]
+        return None
 
 
 def troubleshooting_markdown() -> str:

@@ -33,7 +33,7 @@ from ..paths import server_environment, short_path, state_dir
 from ..settings import Settings, load_settings
 from . import guard, registry
 from .config import ServerConfig, from_settings
-from .diagnosis import Diagnosis, diagnose, fatal_sign, phases_reached
+from .diagnosis import Diagnosis, StartWatch, diagnose
 from .model_source import check_model_folder, looks_like_path
 
 POLL_SECONDS = 0.5
@@ -275,18 +275,14 @@ class VLLMServer:
         timeout = timeout or self.config.startup_timeout
         if self.alive and self._answers():
             return self
-        started = time.monotonic()
-        seen: list[str] = []
-        last_print = started
-        workers_seen: set[int] = set()
-        fatal: tuple[float, Diagnosis] | None = None
+        started = last_print = time.monotonic()
+        watch = StartWatch(settle=FATAL_SETTLE_SECONDS)
         while True:
             elapsed = time.monotonic() - started
             if not self.alive:
                 self._fail_start()
             text = self.log_text()
-            for phase in phases_reached(text)[len(seen):]:
-                seen.append(phase)
+            for phase in watch.new_phases(text):
                 progress(f"  {elapsed:5.0f} s  {phase}")
                 last_print = time.monotonic()
             if self._answers():
@@ -295,27 +291,18 @@ class VLLMServer:
                     self.record = replace(self.record, members=tuple(sorted(self.record.group().snapshot())))
                     registry.save(self.record)
                 return self
-            if self.owned and fatal is None:
-                workers = {pid for pid, name in self.processes() if "VLLM::Worker" in name}
-                sign = fatal_sign(text)
-                if sign is None and workers_seen - workers:
-                    sign = Diagnosis("a worker died", f"worker process(es) {sorted(workers_seen - workers)} "
-                                     "exited during start-up", "the log says why.")
-                workers_seen |= workers
-                if sign is not None:
-                    fatal = (time.monotonic(), sign)
-            if fatal is not None and time.monotonic() - fatal[0] > FATAL_SETTLE_SECONDS:
-                self._fail_start(fatal[1])    # vLLM did not exit by itself: it would hang here
+            failed = self.owned and watch.failed(text, [pid for pid, name in self.processes() if "VLLM::Worker" in name])
+            if failed:
+                self._fail_start(failed)      # vLLM did not exit by itself: it would hang here
             if elapsed > timeout:
                 tail = self.tail(30)
                 if self.owned:
                     self.stop()
                 raise StartupTimeoutError(
-                    f"the server was not ready after {timeout:.0f} s (last phase: "
-                    f"{seen[-1] if seen else 'none'}); it was stopped", log_tail=tail,
-                    log_path=str(self._log_path))
+                    f"the server was not ready after {timeout:.0f} s (last phase: {watch.last or 'none'}); "
+                    f"it was stopped", log_tail=tail, log_path=str(self._log_path))
             if time.monotonic() - last_print >= HEARTBEAT_SECONDS:
-                progress(f"  {elapsed:5.0f} s  still starting ({seen[-1] if seen else 'importing vLLM'})")
+                progress(f"  {elapsed:5.0f} s  still starting ({watch.last or 'importing vLLM'})")
                 last_print = time.monotonic()
             time.sleep(POLL_SECONDS)
 

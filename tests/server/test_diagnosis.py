@@ -195,3 +195,47 @@ def test_the_troubleshooting_page_is_generated_from_the_rules():
     assert page == troubleshooting_markdown(), "regenerate: python -m helpers troubleshooting > docs/troubleshooting.md"
     for rule in RULES + FATAL_RULES:
         assert f"### {rule.name} · {rule.name_zh}" in page and rule.example in page
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_start_watch_reports_new_phases_once():
+    from helpers.server.diagnosis import StartWatch
+
+    watch = StartWatch()
+    text = read_log("ready.log")
+    first = watch.new_phases(text[: text.index("Starting to load model")])
+    assert first and watch.new_phases(text[: text.index("Starting to load model")]) == []
+    assert watch.new_phases(text)[0] == "loading weights" and watch.last == "HTTP server up"
+
+
+def test_start_watch_waits_the_settle_time_after_a_fatal_sign():
+    from helpers.server.diagnosis import StartWatch
+
+    clock = Clock()
+    watch = StartWatch(settle=2.0, clock=clock)
+    assert watch.failed(read_log("ready.log"), [11]) is None
+    text = read_log("worker_killed.log")
+    assert watch.failed(text, [11]) is None          # seen, but vLLM may still exit by itself
+    clock.now = 1.5
+    assert watch.failed(text, [11]) is None
+    clock.now = 2.5
+    assert watch.failed(text, [11]).cause == "a worker died"
+
+
+def test_start_watch_takes_a_vanished_worker_for_a_failure():
+    from helpers.server.diagnosis import StartWatch
+
+    clock = Clock()
+    watch = StartWatch(settle=1.0, clock=clock)
+    assert watch.failed("", [11, 12]) is None
+    assert watch.failed("", [11]) is None
+    clock.now = 1.5
+    failure = watch.failed("", [11])
+    assert failure.cause == "a worker died" and "[12]" in failure.evidence

@@ -94,7 +94,7 @@ def test_busy_port_is_refused_at_once(listener):
     before = records_now()
     started = time.monotonic()
     with pytest.raises(PortInUseError, match=f"port {listener} "):
-        get_server(load_settings(environ={}, port=listener), progress=lambda _m: None)
+        get_server(load_settings(port=listener), progress=lambda _m: None)
     assert time.monotonic() - started < 2.0
     assert records_now() == before
 
