@@ -1,0 +1,160 @@
+"""What the gateway lets through to vLLM: the limits, and the rules a request body must obey.
+
+One student must not be able to stop the class. vLLM trusts its clients: a request with
+``n=64``, ``max_tokens`` as large as the context, a batch of 500 prompts, or (vLLM 0.26 on a
+GPU) 2,000 ``allowed_token_ids`` is served, or kills the engine for everyone
+(``EngineDeadError``). So every generation request is read here first, and either refused with
+a message that names the rule, or rewritten to fit:
+
+* the body is at most ``max_body_bytes`` (413) and is a JSON object (400);
+* ``max_tokens`` / ``max_completion_tokens`` are clamped to ``max_tokens`` (and set to it when
+  the request has neither: vLLM's default is the whole context);
+* ``n`` becomes 1, ``best_of`` and ``priority`` are dropped, ``request_id`` is dropped (vLLM
+  makes its own; two requests with the same id must not meet in the engine);
+* ``allowed_token_ids`` and ``logit_bias`` may hold at most ``max_allowed_token_ids`` /
+  ``max_logit_bias`` entries, ``stop_token_ids`` and ``bad_words`` at most
+  ``max_stop_token_ids``, ``stop`` at most ``max_stop`` strings;
+* ``/v1/completions`` takes one prompt per request (a list of prompts is a batch: as many
+  sequences as entries), and never ``prompt_embeds`` (raw tensors from the network) nor the
+  disaggregated-serving fields ``kv_transfer_params`` / ``ec_transfer_params``.
+
+The gateway sends vLLM the body it checked (``json.dumps`` of the parsed object), never the
+bytes it received, so the two can never read one request two ways. Everything here is pure:
+``police(body_bytes, route, limits)`` returns the new body or raises ``Refused``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The gateway's limits; every one can be changed on the command line (``--max-tokens`` ...)."""
+
+    max_body_bytes: int = 64 * 1024       # a request body larger than this: 413
+    max_tokens: int = 512                 # cap on max_tokens / max_completion_tokens
+    per_key_concurrency: int = 4          # generation requests open at once on one key (then 429)
+    global_concurrency: int = 64          # requests open at once through the gateway (then 429)
+    max_allowed_token_ids: int = 1024
+    max_logit_bias: int = 1024
+    max_stop_token_ids: int = 128         # also the cap on bad_words
+    max_stop: int = 16                    # stop strings
+    body_timeout: float = 30.0            # seconds to receive a request body (then 408)
+    keys_check_interval: float = 1.0      # how often the keys file's mtime is looked at
+    health_cache_seconds: float = 1.0     # /health asks vLLM at most this often
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"Limits.{f.name} must be positive, got {getattr(self, f.name)!r}")
+
+    @property
+    def upstream_connections(self) -> int:
+        """httpx's pool size: above anything the gateway admits at once (plus /health)."""
+        return self.global_concurrency + 8
+
+
+class Refused(Exception):
+    """A request the gateway answers itself: ``status``, an OpenAI-style ``type`` and ``code``,
+    and a message that names the cause."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def payload(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+_DROPPED = ("best_of", "priority", "request_id")
+_REFUSED = ("prompt_embeds", "kv_transfer_params", "ec_transfer_params")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request's JSON object; ``Refused`` (400) for anything else."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise Refused(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise Refused(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                      code="invalid_json")
+    return body
+
+
+def _integer(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Refused(400, f"{name} must be an integer, got {value!r}", param=name)
+    return value
+
+
+def _count(body: dict, name: str, kinds: tuple[type, ...], limit: int, what: str) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, kinds):
+        return                                    # a wrong type: vLLM's own validation names it
+    if len(value) > limit:
+        raise Refused(400, f"{name} has {len(value)} {what}; this class server allows at most {limit} "
+                           f"(larger lists can stop the model server for everyone)",
+                      code=f"too_many_{name}", param=name)
+
+
+def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
+    """Check and rewrite one generation request. Returns the body to send and what was changed
+    (``["max_tokens 4096 -> 512", ...]``); raises ``Refused`` for a request it will not send."""
+    body = dict(body)
+    changed: list[str] = []
+    for name in _REFUSED:
+        if body.get(name) is not None:
+            raise Refused(400, f"{name} is not accepted by this class server", code="field_not_allowed",
+                          param=name)
+    _count(body, "allowed_token_ids", (list,), limits.max_allowed_token_ids, "entries")
+    _count(body, "logit_bias", (dict,), limits.max_logit_bias, "entries")
+    _count(body, "stop_token_ids", (list,), limits.max_stop_token_ids, "entries")
+    _count(body, "bad_words", (list,), limits.max_stop_token_ids, "entries")
+    _count(body, "stop", (list,), limits.max_stop, "strings")
+    if route == "/v1/completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt):
+            if len(prompt) > 1:
+                raise Refused(400, f"prompt is a list of {len(prompt)} prompts; this class server takes "
+                                   f"one prompt per request", code="too_many_prompts", param="prompt")
+    capped = False
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = _integer(body, name)
+        if value is not None:
+            capped = True
+            if value > limits.max_tokens:
+                body[name] = limits.max_tokens
+                changed.append(f"{name} {value} -> {limits.max_tokens}")
+    if not capped:
+        body["max_tokens"] = limits.max_tokens
+        changed.append(f"max_tokens (unset) -> {limits.max_tokens}")
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        body["n"] = 1
+        changed.append(f"n {n} -> 1")
+    for name in _DROPPED:
+        if name in body:
+            del body[name]
+            changed.append(f"{name} dropped")
+    return body, changed
+
+
+def encode(body: dict) -> bytes:
+    """The bytes sent to vLLM: what was checked, nothing else."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")

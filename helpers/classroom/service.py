@@ -1,0 +1,232 @@
+"""Start the gateway for a running vLLM server, under the project's guard, and find it again.
+
+    from helpers import get_server
+    from helpers.classroom import start_gateway
+    server = get_server()        # vLLM on 127.0.0.1, started with api_key=<internal key>
+    gateway = start_gateway(server, host="0.0.0.0", port=8080)
+    gateway.url                  # what students use (with their own keys)
+    gateway.stop()
+
+The gateway runs as ``python -m helpers.classroom.gateway`` in a process group of its own led by
+``helpers/server/guard.py``, like the server, and
+
+* ends with its **owner** (the kernel or script that started it), however that ends, unless it
+  is ``detached`` (a class server started on purpose: then it runs until stopped);
+* ends with its **server**: it watches the server's guard process (a pidfd) and stops as soon as
+  that ends, so ``./tutorial.sh stop`` (or ``server.stop()``) never leaves a gateway answering
+  502 in front of nothing.
+
+Its keys file and vLLM's internal key reach it through its environment only (never its command
+line). Running gateways are recorded next to the servers (``gateway-<port>.json`` in
+``paths.state_dir()``): ``gateways()`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import requests
+
+from ..endpoint import Endpoint, http_url
+from ..errors import TutorialError
+from ..paths import REPO_ROOT, server_environment, short_path, state_dir
+from ..server import guard
+from ..server.lifecycle import free_port, port_in_use
+from . import keys as keyfile
+from .gateway import INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
+from .policy import Limits
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class GatewayError(TutorialError):
+    """The gateway could not start, or was asked to do something unsafe (the message says which)."""
+
+
+@dataclass(frozen=True)
+class GatewayRecord:
+    guard_pid: int
+    guard_started: int
+    host: str
+    port: int
+    upstream: str
+    keys_path: str
+    log_path: str
+    owner_pid: int | None
+    started_at: float
+
+    @property
+    def url(self) -> str:
+        return http_url(self.host, self.port)
+
+
+def _record_path(port: int) -> Path:
+    return state_dir() / f"gateway-{port}.json"
+
+
+def _alive(record: GatewayRecord) -> bool:
+    info = guard.proc_info(record.guard_pid)
+    return info is not None and info.running and info.start_time == record.guard_started
+
+
+class GatewayProcess:
+    """A running gateway: its URL, its log, and ``stop()``."""
+
+    def __init__(self, record: GatewayRecord, popen: subprocess.Popen | None = None, owner_fd: int | None = None):
+        self.record = record
+        self._popen = popen
+        self._owner_fd = owner_fd
+
+    @property
+    def url(self) -> str:
+        return self.record.url
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.record.log_path)
+
+    def endpoint(self, api_key: str, model: str) -> Endpoint:
+        """What a student's code talks to: this gateway's URL with their key."""
+        return Endpoint(self.url, model, api_key)
+
+    @property
+    def alive(self) -> bool:
+        if self._popen is not None:
+            return self._popen.poll() is None
+        return _alive(self.record)
+
+    def pids(self) -> list[int]:
+        return self._group().members()
+
+    def _group(self) -> guard.ProcessGroup:
+        return guard.ProcessGroup(self.record.guard_pid, self.record.guard_started)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM: open streams get an error event, the gateway exits; whatever is left of its
+        group is ended after ``timeout``."""
+        group = self._group()
+        if self.alive:
+            guard.send([self.record.guard_pid], signal.SIGTERM)
+            group.wait_empty(timeout, poll=self._reap)
+        group.stop(guard.GRACE, poll=self._reap)
+        self._reap()
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
+        try:
+            if json.loads(_record_path(self.record.port).read_text()).get("guard_pid") == self.record.guard_pid:
+                _record_path(self.record.port).unlink()
+        except (OSError, ValueError):
+            pass
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            self._popen.poll()
+
+    def __repr__(self) -> str:
+        return f"<GatewayProcess {self.url} -> {self.record.upstream} {'running' if self.alive else 'stopped'}>"
+
+
+def gateways() -> list[GatewayProcess]:
+    """The gateways recorded as running (records of dead ones are removed)."""
+    found = []
+    for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
+        try:
+            record = GatewayRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _alive(record):
+            found.append(GatewayProcess(record))
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path | str | None = None,
+                  limits: Limits | None = None, internal_key: str | None = None, detached: bool | None = None,
+                  timeout: float = 30.0, progress=print) -> GatewayProcess:
+    """Start the gateway in front of ``server`` (a ready ``VLLMServer`` on loopback) and wait
+    until it accepts connections on ``host``:``port`` (a free port when None).
+
+    * ``keys_path``: the keys file (``$TUTORIAL_GATEWAY_KEYS``, else the default in
+      ``keys.default_dir()``); it must exist and be private (mode 0600).
+    * ``internal_key``: vLLM's own key; by default the server's ``api_key``. A server without
+      one is served all the same, with a note (any program on this machine can reach it).
+    * ``detached``: by default like the server (a server this process owns and did not detach:
+      the gateway ends with this process too). Either way it ends when the server ends.
+    """
+    if server.config.host not in LOOPBACK:
+        raise GatewayError(
+            f"vLLM listens on {server.config.host}, so students could reach it around the gateway (vLLM's "
+            f"--api-key leaves /invocations, /tokenize, /metrics ... open); start it with host 127.0.0.1")
+    if server.record is None or not server.alive:
+        raise GatewayError(f"{server!r} is not running; start it first")
+    internal_key = internal_key or server.config.api_key
+    if not internal_key:
+        progress(f"note: vLLM at {server.url} takes requests without a key: any program on this machine can use "
+                 f"it; for a class start it with api_key=<a random internal key>")
+        internal_key = secrets.token_urlsafe(32)        # sent, and ignored, by a server without a key
+    keys_path = Path(keys_path).expanduser() if keys_path else keyfile.default_keys_path()
+    try:
+        table = keyfile.read_table(keys_path)
+    except keyfile.KeysError as err:
+        raise GatewayError(str(err)) from None
+    if port is None:
+        port = free_port(host)
+    elif port_in_use(port, host):
+        raise GatewayError(f"port {port} on {host} is already in use")
+    limits = limits or Limits()
+    if detached is None:
+        detached = server.detached or not server.owned
+    logs = state_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"gateway-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
+    argv = [server.config.python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
+            "--upstream", server.url, "--follow-pid", str(server.record.guard_pid),
+            "--follow-start", str(server.record.guard_started)]
+    for f in fields(Limits):
+        argv += ["--" + f.name.replace("_", "-"), str(getattr(limits, f.name))]
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**server_environment(), "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1",
+           KEYS_VARIABLE: str(keys_path), INTERNAL_KEY_VARIABLE: internal_key}
+    with open(log_path, "ab") as log:
+        popen, owner_fd = guard.spawn(argv, marker=secrets.token_hex(8), env=env, log_file=log, owner=not detached)
+    info = guard.proc_info(popen.pid)
+    record = GatewayRecord(guard_pid=popen.pid, guard_started=info.start_time if info else -1, host=host, port=port,
+                           upstream=server.url, keys_path=str(keys_path), log_path=str(log_path),
+                           owner_pid=None if detached else os.getpid(), started_at=time.time())
+    gateway = GatewayProcess(record, popen, owner_fd)
+    progress(f"Starting the gateway on {gateway.url} -> {server.url} ({len(table.active)} student key(s)); "
+             f"log: {short_path(log_path)}")
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if READY_LINE in text:
+            break
+        if popen.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if popen.poll() is not None else f"was not ready after {timeout:.0f} s"
+            gateway.stop()
+            raise GatewayError(f"the gateway {why}; its log ({log_path}):\n{gateway.tail(15)}")
+        time.sleep(0.1)
+    try:
+        healthy = requests.get(gateway.url + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        healthy = False
+    _record_path(port).parent.mkdir(parents=True, exist_ok=True)
+    _record_path(port).write_text(json.dumps(asdict(record), indent=1))
+    progress(f"  gateway ready: {gateway.url} serves {server.name!r}" + ("" if healthy else
+             " (its /health says vLLM is not answering yet)"))
+    return gateway

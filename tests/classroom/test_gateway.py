@@ -1,0 +1,337 @@
+"""helpers/classroom/gateway.py against a fake vLLM that records what reaches it (no model).
+
+Each test runs the gateway app in uvicorn on loopback, in a thread, and talks HTTP to it.
+What reaches "vLLM" is read from the fake's records, so "refused without touching vLLM" is
+checked, not assumed. Everything waits with bounded ``wait_for`` loops (no timing asserts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+
+import httpx
+import pytest
+
+from classroom_support import INTERNAL_KEY, FakeVLLM, ThreadServer, bearer, make_keys
+from helpers.classroom import keys as keyfile
+from helpers.classroom.gateway import make_app
+from helpers.classroom.policy import Limits
+from support import wait_for
+
+
+@pytest.fixture
+def fake():
+    upstream = FakeVLLM()
+    with ThreadServer(upstream.app()) as server:
+        upstream.url = server.url
+        yield upstream
+
+
+@pytest.fixture
+def class_keys(tmp_path):
+    return make_keys(tmp_path, "ana", "bo", "dee", revoked=("cy",))
+
+
+@contextlib.contextmanager
+def gateway(upstream_url: str, keys_path, **limits):
+    lines: list[str] = []
+    app = make_app(upstream_url, INTERNAL_KEY, keys_path, Limits(**limits), log=lines.append)
+    with ThreadServer(app) as server:
+        server.lines = lines
+        server.state = app.state.gateway
+        yield server
+
+
+def chat(**extra) -> dict:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def error_of(reply: httpx.Response) -> dict:
+    payload = reply.json()
+    assert set(payload) == {"error"}, payload
+    assert payload["error"]["message"] and payload["error"]["type"] and payload["error"]["code"]
+    return payload["error"]
+
+
+def generation_requests(fake: FakeVLLM) -> list[dict]:
+    return [r for r in fake.requests if r["path"] != "/health"]
+
+
+# --------------------------------------------------------------------------- routes
+def test_only_four_routes_pass_everything_else_is_404_or_405_without_reaching_vllm(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        for method, url in [("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                            ("GET", "/metrics"), ("GET", "/load"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                            ("POST", "/pause"), ("POST", "/resume"), ("GET", "/version"), ("GET", "/v1/models/"),
+                            ("POST", "/v1/chat/completions/render"), ("POST", "/v1/responses"),
+                            ("GET", "/V1/MODELS"), ("POST", "/inference/v1/generate"), ("GET", "/")]:
+            for headers in ({}, bearer(made["ana"])):
+                reply = client.request(method, url, headers=headers, json={"prompt": "x"})
+                assert reply.status_code == 404, (method, url, reply.text)
+                assert error_of(reply)["code"] == "not_found"
+        for method, url in [("POST", "/v1/models"), ("DELETE", "/v1/models"), ("HEAD", "/v1/models"),
+                            ("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"),
+                            ("OPTIONS", "/v1/chat/completions"), ("POST", "/health")]:
+            reply = client.request(method, url, headers=bearer(made["ana"]))
+            assert reply.status_code == 405, (method, url, reply.status_code)
+            assert "allow" in reply.headers
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert generation_requests(fake) == []
+
+
+def test_health_says_only_the_status_and_503_when_vllm_is_down(class_keys):
+    path, _ = class_keys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]            # nothing listens there once closed
+    with gateway(f"http://127.0.0.1:{closed_port}", path) as gw:
+        reply = httpx.get(gw.url + "/health", timeout=10)
+        assert reply.status_code == 503 and reply.json() == {"status": "unavailable"}
+
+
+def test_upstream_down_is_a_502_that_says_so(class_keys):
+    path, made = class_keys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with gateway(f"http://127.0.0.1:{closed_port}", path) as gw:
+        reply = httpx.post(gw.url + "/v1/chat/completions", json=chat(), headers=bearer(made["ana"]), timeout=10)
+        assert reply.status_code == 502
+        assert error_of(reply)["code"] == "upstream_unavailable"
+        assert "cannot be reached" in error_of(reply)["message"]
+        assert gw.state.open_total == 0
+
+
+# --------------------------------------------------------------------------- keys
+def test_keys_missing_wrong_revoked_are_401_and_name_the_cause(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        cases = [({}, "missing_api_key"), ({"Authorization": made["ana"]}, "invalid_api_key"),
+                 ({"Authorization": "Basic " + made["ana"]}, "invalid_api_key"),
+                 (bearer("sk-not-a-key"), "invalid_api_key"), (bearer(made["cy"]), "revoked_api_key"),
+                 (bearer(INTERNAL_KEY), "invalid_api_key")]           # vLLM's own key is no student key
+        for headers, code in cases:
+            for method, url in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
+                reply = client.request(method, url, headers=headers, json=chat())
+                assert reply.status_code == 401, (headers, url)
+                assert error_of(reply)["code"] == code
+                assert error_of(reply)["type"] == "authentication_error"
+        assert "revoked" in error_of(client.get("/v1/models", headers=bearer(made["cy"])))["message"]
+    assert generation_requests(fake) == []
+
+
+def test_a_valid_key_is_replaced_by_the_internal_key_and_no_other_header_goes_along(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        headers = {**bearer(made["ana"]), "Cookie": "session=1", "X-Forwarded-For": "10.0.0.1",
+                   "X-Request-Id": "mine"}
+        assert client.get("/v1/models", headers=headers).json()["data"][0]["id"] == "fake"
+        reply = client.post("/v1/completions?debug=1", headers=headers, json={"model": "fake", "prompt": "hi"})
+        assert reply.status_code == 200, reply.text
+    seen = generation_requests(fake)
+    assert [(r["method"], r["path"]) for r in seen] == [("GET", "/v1/models"), ("POST", "/v1/completions")]
+    for r in seen:
+        assert r["headers"]["authorization"] == f"Bearer {INTERNAL_KEY}"
+        assert made["ana"] not in json.dumps(r)
+        assert not {"cookie", "x-forwarded-for", "x-request-id"} & set(r["headers"])
+    assert any("ana POST /v1/completions 200" in line for line in gw.lines)
+    assert not any(made["ana"] in line or INTERNAL_KEY in line for line in gw.lines)
+
+
+def test_keys_made_or_revoked_while_running_count_without_a_restart(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        new = keyfile.create_keys(path, ["eve"])["eve"]
+        assert wait_for(lambda: client.get("/v1/models", headers=bearer(new)).status_code == 200, 10)
+        keyfile.revoke(path, "ana")
+        assert wait_for(lambda: client.get("/v1/models", headers=bearer(made["ana"])).status_code == 401, 10)
+        assert error_of(client.get("/v1/models", headers=bearer(made["ana"])))["code"] == "revoked_api_key"
+        assert client.get("/v1/models", headers=bearer(made["bo"])).status_code == 200
+        assert any("keys: reloaded" in line for line in gw.lines)
+
+
+def test_a_keys_file_others_can_read_is_refused_at_start_and_fails_closed_while_running(fake, class_keys):
+    path, made = class_keys
+    os.chmod(path, 0o644)
+    with pytest.raises(keyfile.KeysError, match="chmod 600"):
+        make_app(fake.url, INTERNAL_KEY, path)
+    os.chmod(path, 0o600)
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200
+        path.write_text("{ not json")
+        assert wait_for(lambda: client.get("/v1/models", headers=bearer(made["ana"])).status_code == 503, 10)
+        assert error_of(client.get("/v1/models", headers=bearer(made["ana"])))["code"] == "keys_unavailable"
+        keyfile.create_keys(path.with_name("other.json"), ["x"])
+        os.replace(path.with_name("other.json"), path)            # a valid file again: ana is not in it
+        assert wait_for(lambda: client.get("/v1/models", headers=bearer(made["ana"])).status_code == 401, 10)
+
+
+# --------------------------------------------------------------------------- bodies
+def test_bodies_too_large_or_not_json_are_refused_before_vllm(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path, max_body_bytes=1000) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        key = bearer(made["ana"])
+        big = chat(messages=[{"role": "user", "content": "x" * 2000}])
+        assert error_of(client.post("/v1/chat/completions", headers=key, json=big))["code"] == "body_too_large"
+
+        def chunked():                                 # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 200
+        reply = client.post("/v1/chat/completions", headers=key, content=chunked())
+        assert reply.status_code == 413
+        for raw, code in [(b"{", "invalid_json"), (b"[1, 2]", "invalid_json"), (b'"text"', "invalid_json"),
+                          (b'{"max_tokens": NaN}', "invalid_json"), (b"\xff\xfe", "invalid_json")]:
+            reply = client.post("/v1/completions", headers=key, content=raw)
+            assert reply.status_code == 400 and error_of(reply)["code"] == code, raw
+        reply = client.post("/v1/completions", headers=key, json={"prompt": "x", "max_tokens": "many"})
+        assert reply.status_code == 400 and "max_tokens must be an integer" in error_of(reply)["message"]
+    assert generation_requests(fake) == []
+
+
+def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, class_keys):
+    path, made = class_keys
+    refused = [({"allowed_token_ids": list(range(2000))}, "too_many_allowed_token_ids"),
+               ({"logit_bias": {str(i): 1 for i in range(1025)}}, "too_many_logit_bias"),
+               ({"stop_token_ids": list(range(129))}, "too_many_stop_token_ids"),
+               ({"bad_words": ["w"] * 129}, "too_many_bad_words"),
+               ({"stop": ["s"] * 17}, "too_many_stop"),
+               ({"prompt_embeds": "AAAA"}, "field_not_allowed"),
+               ({"kv_transfer_params": {"do_remote_decode": True}}, "field_not_allowed")]
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        key = bearer(made["ana"])
+        for extra, code in refused:
+            reply = client.post("/v1/chat/completions", headers=key, json=chat(**extra))
+            assert reply.status_code == 400, extra.keys()
+            assert error_of(reply)["code"] == code
+            assert "at most" in error_of(reply)["message"] or "not accepted" in error_of(reply)["message"]
+        reply = client.post("/v1/completions", headers=key, json={"prompt": ["a", "b", "c"]})
+        assert error_of(reply)["code"] == "too_many_prompts"
+        assert generation_requests(fake) == []
+        fine = chat(allowed_token_ids=list(range(1024)), logit_bias={str(i): 1 for i in range(1024)},
+                    stop_token_ids=list(range(128)))
+        assert client.post("/v1/chat/completions", headers=key, json=fine).status_code == 200
+        assert client.post("/v1/completions", headers=key, json={"prompt": [1, 2, 3]}).status_code == 200
+        assert client.post("/v1/completions", headers=key, json={"prompt": ["one"]}).status_code == 200
+    assert len(generation_requests(fake)) == 3
+
+
+def test_max_tokens_n_and_best_of_are_capped_and_the_answer_says_so(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path, max_tokens=64) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        key = bearer(made["ana"])
+        reply = client.post("/v1/completions", headers=key,
+                            json={"prompt": "x", "max_tokens": 100000, "n": 8, "best_of": 8, "priority": -5})
+        assert reply.status_code == 200
+        adjusted = reply.headers["x-tutorial-gateway-adjusted"]
+        assert "max_tokens 100000 -> 64" in adjusted and "n 8 -> 1" in adjusted and "best_of dropped" in adjusted
+        client.post("/v1/chat/completions", headers=key, json=chat())                       # nothing asked: the cap
+        client.post("/v1/chat/completions", headers=key, json=chat(max_completion_tokens=9000, max_tokens=10))
+        client.post("/v1/chat/completions", headers=key, json=chat(max_tokens=12))          # below the cap: kept
+    bodies = [r["body"] for r in generation_requests(fake)]
+    assert bodies[0] == {"prompt": "x", "max_tokens": 64, "n": 1}
+    assert bodies[1]["max_tokens"] == 64
+    assert (bodies[2]["max_completion_tokens"], bodies[2]["max_tokens"]) == (64, 10)
+    assert bodies[3]["max_tokens"] == 12
+
+
+# --------------------------------------------------------------------------- streams
+def test_sse_bytes_pass_unchanged_and_arrive_as_they_are_made(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                           json=chat(stream=True, max_tokens=20, split=True, gap=0.02)) as reply:
+            assert reply.status_code == 200
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            assert reply.headers["cache-control"] == "no-cache" and reply.headers["x-accel-buffering"] == "no"
+            assert "content-encoding" not in reply.headers
+            pieces = list(reply.iter_raw())
+    received = b"".join(pieces)
+    assert received == b"".join(fake.sent)                      # byte for byte, cut characters included
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert b"[DONE]" not in pieces[0] and len(pieces) > 5       # it came in many pieces, not all at the end
+    assert all(piece.endswith(b"\n\n") for piece in pieces)     # sent on at event boundaries
+
+
+def test_per_key_limit_refuses_the_fifth_stream_while_other_keys_still_stream(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path, per_key_concurrency=4, global_concurrency=6) as gw, \
+            httpx.Client(base_url=gw.url, timeout=30) as client, contextlib.ExitStack() as streams:
+        held = [streams.enter_context(client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                                                    json=chat(stream=True, hold=True))) for _ in range(4)]
+        assert [r.status_code for r in held] == [200] * 4
+        assert wait_for(lambda: fake.open == 4, 10)
+        reply = client.post("/v1/chat/completions", headers=bearer(made["ana"]), json=chat(stream=True))
+        assert reply.status_code == 429
+        assert error_of(reply)["code"] == "too_many_concurrent_requests" and "4" in error_of(reply)["message"]
+        assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200   # not a generation
+        other = client.post("/v1/chat/completions", headers=bearer(made["bo"]), json=chat(stream=True, max_tokens=3))
+        assert other.status_code == 200 and other.text.endswith("data: [DONE]\n\n")
+        extra = [streams.enter_context(client.stream("POST", "/v1/completions", headers=bearer(made["bo"]),
+                                                     json={"prompt": "x", "stream": True, "hold": True}))
+                 for _ in range(2)]
+        assert [r.status_code for r in extra] == [200, 200]
+        busy = client.post("/v1/completions", headers=bearer(made["dee"]), json={"prompt": "x"})
+        assert busy.status_code == 429 and error_of(busy)["code"] == "server_busy"
+        held[0].close()
+        assert wait_for(lambda: gw.state.open_generation.get(keyfile.hash_key(made["ana"])) == 3, 10)
+        assert client.post("/v1/completions", headers=bearer(made["ana"]), json={"prompt": "x"}).status_code == 200
+    assert wait_for(lambda: gw.state.open_total == 0 and fake.open == 0, 10)
+
+
+def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                           json=chat(stream=True, hold=True)) as reply:
+            next(reply.iter_raw())
+            assert wait_for(lambda: fake.open == 1, 10)
+        assert wait_for(lambda: fake.cancelled == 1 and fake.open == 0, 10)
+        assert wait_for(lambda: gw.state.open_total == 0, 10)
+        # before any answer: a non-streamed request waiting on vLLM, then the client goes
+        done = threading.Event()
+
+        def ask():
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(gw.url + "/v1/completions", headers=bearer(made["ana"]),
+                           json={"prompt": "x", "hold": True}, timeout=1.0)
+            done.set()
+        threading.Thread(target=ask, daemon=True).start()
+        assert done.wait(10)
+        assert wait_for(lambda: fake.cancelled == 2 and fake.open == 0 and gw.state.open_total == 0, 10)
+
+
+def test_revoking_a_key_ends_its_open_streams_with_an_error_event(fake, class_keys):
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=30) as client:
+        answers: dict[str, object] = {}
+
+        def wait_answer():
+            answers["waiting"] = httpx.post(gw.url + "/v1/completions", headers=bearer(made["bo"]),
+                                            json={"prompt": "x", "hold": True}, timeout=30)
+        waiting = threading.Thread(target=wait_answer, daemon=True)
+        with client.stream("POST", "/v1/chat/completions", headers=bearer(made["bo"]),
+                           json=chat(stream=True, hold=True)) as bo_stream, \
+                client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                              json=chat(stream=True, hold=True)) as ana_stream:
+            bo_chunks = bo_stream.iter_raw()
+            first = next(bo_chunks)
+            assert first.startswith(b"data: {")
+            waiting.start()
+            assert wait_for(lambda: fake.open == 3, 10)
+            keyfile.revoke(path, "bo")
+            rest = b"".join(bo_chunks)                        # ends by itself: the gateway ends it
+            event = json.loads(rest.decode().strip().removeprefix("data: "))
+            assert event["error"]["code"] == "revoked_api_key" and "revoked" in event["error"]["message"]
+            waiting.join(10)
+            assert answers["waiting"].status_code == 401
+            assert error_of(answers["waiting"])["code"] == "revoked_api_key"
+            assert wait_for(lambda: fake.open == 1, 10)                # ana's stream is still open
+            assert not ana_stream.is_closed
+        assert any("ended open request(s): 2 of bo" in line for line in gw.lines)
+    assert wait_for(lambda: fake.open == 0, 10)
