@@ -529,7 +529,7 @@ def make_app(upstream_url: str, internal_key: str, keys_path: Path | str, limits
 # --------------------------------------------------------------------------- the process
 class _Server(uvicorn.Server):
     """uvicorn, with open streams ended (an error event each) as soon as SIGTERM or SIGINT
-    arrives, so the graceful shutdown does not wait for answers to finish."""
+    arrives, so the graceful shutdown does not wait for answers to finish; then exit code 0."""
 
     gateway: Gateway | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -538,6 +538,7 @@ class _Server(uvicorn.Server):
         if self.gateway is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(self.gateway.end_all, SHUTTING_DOWN)
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()     # uvicorn would raise it again at the end: exit 0 instead
 
 
 def internal_key_from_environment(environ=os.environ) -> str:

@@ -204,7 +204,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise KeysError(f"{name!r} is not a usable student name: 1 to 64 letters, digits, '.', '_' or '-', "
                         f"starting with a letter or digit")
     return name

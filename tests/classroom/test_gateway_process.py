@@ -1,0 +1,166 @@
+"""``python -m helpers.classroom.gateway`` as a process: keys only in its environment, a ready
+line, SIGTERM ends open streams with an error event and exits 0, and it stops when the server
+it follows ends. Against the fake vLLM of classroom_support (no model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from classroom_support import INTERNAL_KEY, FakeVLLM, ThreadServer, bearer, make_keys
+from helpers.classroom.gateway import INTERNAL_KEY_FILE_VARIABLE, INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
+from helpers.classroom.service import GatewayError, start_gateway
+from support import kill_group, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """The gateway command in its own process group, its output collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.output: list[str] = []
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TUTORIAL_GATEWAY")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "helpers.classroom.gateway", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**base, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        return "\n".join(self.output)
+
+    def ready(self, timeout: float = 60) -> bool:
+        return bool(wait_for(lambda: READY_LINE in self.text() or self.proc.poll() is not None, timeout)) \
+            and READY_LINE in self.text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            kill_group(self.proc.pid)
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def fake():
+    upstream = FakeVLLM()
+    with ThreadServer(upstream.app()) as server:
+        upstream.url = server.url
+        yield upstream
+
+
+def test_keys_stay_off_the_command_line_and_sigterm_ends_streams_with_an_error_event(fake, tmp_path):
+    path, made = make_keys(tmp_path, "ana")
+    secret = tmp_path / "internal.key"
+    secret.write_text(INTERNAL_KEY + "\n")
+    port = free_port()
+    gw = Gateway(["--host", "127.0.0.1", "--port", str(port), "--upstream", fake.url, "--max-tokens", "32"],
+                 {KEYS_VARIABLE: str(path), INTERNAL_KEY_FILE_VARIABLE: str(secret)})
+    try:
+        assert gw.ready(), gw.text()
+        assert f"http://127.0.0.1:{port} -> {fake.url} (1 student key(s); max_tokens 32" in gw.text()
+        with open(f"/proc/{gw.proc.pid}/cmdline", "rb") as f:
+            argv = f.read().decode()
+        assert INTERNAL_KEY not in argv and made["ana"] not in argv and str(path) not in argv
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", url + "/v1/chat/completions", headers=bearer(made["ana"]),
+                               json={"messages": [], "stream": True, "hold": True}) as reply:
+                chunks = reply.iter_raw()
+                assert next(chunks).startswith(b"data: ")
+                assert fake.requests[-1]["headers"]["authorization"] == f"Bearer {INTERNAL_KEY}"
+                gw.proc.send_signal(signal.SIGTERM)
+                rest = b"".join(chunks)
+            event = json.loads(rest.decode().strip().removeprefix("data: "))
+            assert event["error"]["code"] == "shutting_down"
+        assert gw.proc.wait(10) == 0
+        assert wait_for(lambda: "gateway stopped" in gw.text(), 5), gw.text()
+        assert "Traceback" not in gw.text()
+        assert wait_for(lambda: fake.open == 0, 10)
+    finally:
+        gw.close()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("no keys", f"set {KEYS_VARIABLE}"),
+    ("no internal key", f"no internal key: set {INTERNAL_KEY_VARIABLE}"),
+    ("loose keys file", "chmod 600"),
+    ("port taken", "cannot listen on 127.0.0.1"),
+])
+def test_a_gateway_that_cannot_start_says_why(fake, tmp_path, setting, message):
+    path, _ = make_keys(tmp_path, "ana")
+    env = {KEYS_VARIABLE: str(path), INTERNAL_KEY_VARIABLE: INTERNAL_KEY}
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1] if setting == "port taken" else free_port()
+    if setting == "no keys":
+        del env[KEYS_VARIABLE]
+    elif setting == "no internal key":
+        del env[INTERNAL_KEY_VARIABLE]
+    elif setting == "loose keys file":
+        os.chmod(path, 0o644)
+    gw = Gateway(["--host", "127.0.0.1", "--port", str(port), "--upstream", fake.url], env)
+    try:
+        assert gw.proc.wait(60) != 0
+        assert wait_for(lambda: message in gw.text(), 5), gw.text()
+        assert READY_LINE not in gw.text()
+    finally:
+        gw.close()
+        taken.close()
+
+
+def test_it_stops_when_the_server_it_follows_ends(fake, tmp_path):
+    path, _ = make_keys(tmp_path, "ana")
+    server_guard = subprocess.Popen(["sleep", "120"])
+    with open(f"/proc/{server_guard.pid}/stat") as f:
+        started = f.read().rsplit(")", 1)[1].split()[19]
+    gw = Gateway(["--host", "127.0.0.1", "--port", str(free_port()), "--upstream", fake.url,
+                  "--follow-pid", str(server_guard.pid), "--follow-start", started],
+                 {KEYS_VARIABLE: str(path), INTERNAL_KEY_VARIABLE: INTERNAL_KEY})
+    try:
+        assert gw.ready(), gw.text()
+        assert gw.proc.poll() is None
+        server_guard.kill()
+        server_guard.wait(10)
+        assert gw.proc.wait(10) == 0
+        assert f"the server process {server_guard.pid} ended; stopping" in gw.text()
+    finally:
+        server_guard.kill()
+        server_guard.wait(10)
+        gw.close()
+
+
+def test_it_refuses_to_follow_a_process_that_is_already_another(fake, tmp_path):
+    path, _ = make_keys(tmp_path, "ana")
+    gw = Gateway(["--host", "127.0.0.1", "--port", str(free_port()), "--upstream", fake.url,
+                  "--follow-pid", str(os.getpid()), "--follow-start", "1"],      # this pid, another start time
+                 {KEYS_VARIABLE: str(path), INTERNAL_KEY_VARIABLE: INTERNAL_KEY})
+    try:
+        assert gw.proc.wait(60) == 0
+        assert "is gone; stopping" in gw.text()
+    finally:
+        gw.close()
+
+
+def test_start_gateway_refuses_a_vllm_reachable_from_the_network(tmp_path):
+    path, _ = make_keys(tmp_path, "ana")
+    exposed = SimpleNamespace(config=SimpleNamespace(host="0.0.0.0", api_key="k"), record=None, alive=True)
+    with pytest.raises(GatewayError, match="start it with host 127.0.0.1"):
+        start_gateway(exposed, host="127.0.0.1", keys_path=path)
