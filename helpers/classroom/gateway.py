@@ -410,6 +410,12 @@ class Gateway:
                 await send_json(send, 502, err.payload())
                 return 502, f"upstream {type(item[1]).__name__}: {item[1]}"
             response: httpx.Response = item[1]
+            if response.status_code == 401:          # vLLM refused *our* key: not the student's fault
+                err = Refused(502, "the model server refused the gateway's own key (the gateway's internal "
+                                   "key must be vLLM's VLLM_API_KEY); tell your teacher",
+                              type="server_error", code="upstream_auth")
+                await send_json(send, 502, err.payload())
+                return 502, "vLLM refused the internal key"
             content_type = response.headers.get("content-type", "application/json")
             out = [(b"content-type", content_type.encode("latin-1"))]
             streaming = content_type.startswith(SSE)

@@ -72,6 +72,7 @@ class FakeVLLM:
     """
 
     requests: list[dict] = field(default_factory=list)
+    required_key: str | None = None       # like VLLM_API_KEY: /v1/* without it is 401
     cancelled: int = 0
     open: int = 0
     sent: list[bytes] = field(default_factory=list)
@@ -82,11 +83,15 @@ class FakeVLLM:
 
         async def models(request: Request):
             self._record(request, None)
+            if self._refuses(request):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
             return JSONResponse({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
         async def generate(request: Request):
             body = json.loads(await request.body())
             self._record(request, body)
+            if self._refuses(request):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
             if not body.get("stream"):
                 if body.get("hold"):
                     await self._hold(request)
@@ -97,6 +102,10 @@ class FakeVLLM:
                   Route("/v1/chat/completions", generate, methods=["POST"]),
                   Route("/v1/completions", generate, methods=["POST"])]
         return Starlette(routes=routes)
+
+    def _refuses(self, request: Request) -> bool:
+        return self.required_key is not None and \
+            request.headers.get("authorization") != f"Bearer {self.required_key}"
 
     def _record(self, request: Request, body) -> None:
         self.requests.append({"method": request.method, "path": request.url.path,

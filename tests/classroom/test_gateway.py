@@ -105,7 +105,19 @@ def test_upstream_down_is_a_502_that_says_so(class_keys):
         assert reply.status_code == 502
         assert error_of(reply)["code"] == "upstream_unavailable"
         assert "cannot be reached" in error_of(reply)["message"]
-        assert gw.state.open_total == 0
+        assert wait_for(lambda: gw.state.open_total == 0, 10)         # released right after the answer
+
+
+def test_vllm_refusing_the_internal_key_is_a_502_for_the_teacher_not_a_401_for_the_student(fake, class_keys):
+    path, made = class_keys
+    fake.required_key = "vllm-has-another-key"
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        for reply in (client.get("/v1/models", headers=bearer(made["ana"])),
+                      client.post("/v1/chat/completions", headers=bearer(made["ana"]), json=chat())):
+            assert reply.status_code == 502
+            assert error_of(reply)["code"] == "upstream_auth" and "teacher" in error_of(reply)["message"]
+        fake.required_key = INTERNAL_KEY
+        assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200
 
 
 # --------------------------------------------------------------------------- keys
@@ -289,8 +301,9 @@ def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=30) as client:
         with client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
                            json=chat(stream=True, hold=True)) as reply:
-            next(reply.iter_raw())
-            assert wait_for(lambda: fake.open == 1, 10)
+            chunks = reply.iter_raw()           # kept: a dropped iterator closes the connection
+            next(chunks)
+            assert wait_for(lambda: fake.open == 1, 10), (fake.open, fake.cancelled, gw.lines)
         assert wait_for(lambda: fake.cancelled == 1 and fake.open == 0, 10)
         assert wait_for(lambda: gw.state.open_total == 0, 10)
         # before any answer: a non-streamed request waiting on vLLM, then the client goes
