@@ -7,14 +7,11 @@ releases, ``/cohere``): without a key ``POST /invocations`` generates text, and 
 (``VLLM_API_KEY`` in its environment), and this gateway, bound to the network address, passes
 exactly four things and answers everything else itself, without touching vLLM:
 
-=========================  ==========  ============================================
-``GET /health``            no key      ``{"status": "ok"}`` or 503; nothing else
-``GET /v1/models``         student key
-``POST /v1/chat/completions``  student key  body checked and capped (``policy``)
-``POST /v1/completions``   student key  body checked and capped (``policy``)
-any other path             404         OpenAI-style JSON error
-any other method           405
-=========================  ==========  ============================================
+* ``GET /health``: no key; ``{"status": "ok"}`` (or 503 ``unavailable``), nothing else;
+* ``GET /v1/models``: a student's key;
+* ``POST /v1/chat/completions`` and ``POST /v1/completions``: a student's key, and the body
+  checked and capped (``policy``);
+* any other path: 404, any other method: 405, as OpenAI-style JSON errors.
 
 Toward vLLM the student's key is replaced by the internal key, and only ``Content-Type`` goes
 along (no other header of the student's). Answers stream back byte for byte as they arrive,
@@ -29,8 +26,11 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   ``global_concurrency`` in all (429 beyond, at once, with the reason); bodies are limited in
   size and time, and policed (``policy``).
 * **Cancelling** is passed on: a student who closes the connection (the notebook's Stop
-  button) closes the gateway's connection to vLLM, and vLLM aborts the request. Cleanup runs in
-  the request's own ``finally`` (a ``BackgroundTask`` is skipped when the client goes away).
+  button) closes the gateway's connection to vLLM, and vLLM aborts the request. vLLM's answer
+  is read by a task of its own into a queue, so a revocation or a disconnect also interrupts a
+  wait on a silent vLLM (a queued request), and cleanup runs in the request's own ``finally``
+  (Starlette's ``StreamingResponse`` + ``BackgroundTask(r.aclose)`` notices neither while vLLM is
+  silent, and skips the background task on a disconnect under ASGI spec 2.4).
 
 Run it::
 
@@ -59,7 +59,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 import httpx
