@@ -132,8 +132,9 @@ DEFAULT_CONFIGS = ("one", "tp2", "dp2")
 
 
 def server_config(spec: Spec, model: str, *, gpu: bool, dummy: bool, startup_timeout: float,
-                  log: Callable[[str], None] = print) -> ServerConfig:
-    """The helpers' ``ServerConfig`` for one configuration (``from_settings`` picks the rest)."""
+                  log: Callable[[str], None] = print, gpus: tuple[hardware.Gpu, ...] | None = None) -> ServerConfig:
+    """The helpers' ``ServerConfig`` for one configuration (``from_settings`` picks the rest;
+    ``gpus``: this machine's, read by nvidia-smi, unless given)."""
     extra: list[str] = []
     env: dict[str, str] = {}
     overrides: dict[str, Any] = {}
@@ -154,7 +155,7 @@ def server_config(spec: Spec, model: str, *, gpu: bool, dummy: bool, startup_tim
     if spec.eager:
         extra += ["--enforce-eager"]
     settings = load_settings(environ={}, extra_args=tuple(extra), startup_timeout=startup_timeout, **overrides)
-    config = from_settings(settings, log=lambda line: log(f"    {line}"))
+    config = from_settings(settings, gpus=gpus, log=lambda line: log(f"    {line}"))
     return replace(config, env={**config.env, **env})
 
 
