@@ -8,7 +8,8 @@
 * Against small local servers on 127.0.0.1 (no vLLM): nothing listening (every request a
   ``connection`` error, the run returns), a server that never answers (``timeout``), and one that
   streams forever: the hard time limit cancels the requests and the server sees each connection
-  close; a run started inside a running event loop (a notebook cell) runs in its own thread.
+  close; a run started inside a running event loop (a notebook cell) runs in its own thread, and
+  interrupting a real Jupyter kernel mid-load cancels it and closes every stream.
 * **Real vLLM** (the suite's shared server): 1 and 4 users, counts and tokens consistent with
   the server's usage, the follow-up carrying the answer (its prompt is longer), ``ignore_eos``
   giving exactly ``max_tokens``; the time limit makes the server abort what was running (its
@@ -313,6 +314,58 @@ def test_inside_a_running_event_loop_the_load_runs_in_its_own_thread():
         return await run_load_async(Endpoint(f"http://127.0.0.1:{free_port()}", "m"), 2, turns=1)
 
     assert asyncio.run(awaited()).errors == {"connection": 2}
+
+
+KERNEL_CELL = r"""
+import sys, time
+sys.path.insert(0, "tests")
+from test_loadtest import TinyServer
+from helpers.endpoint import Endpoint
+from helpers.loadtest import run_load
+server = TinyServer("forever")
+try:
+    run_load(Endpoint(server.url, "m"), 3, turns=1, duration_limit=60, progress=print, progress_every=0.2)
+finally:
+    deadline = time.monotonic() + 10
+    while server.closed_by_client < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("CLOSED", server.closed_by_client, flush=True)
+    server.close()
+"""
+
+
+def test_interrupting_a_jupyter_kernel_cancels_the_load_and_closes_its_streams():
+    import queue
+    from pathlib import Path
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(Path(__file__).resolve().parent.parent))
+    out, errors = [], []
+    try:
+        kc.execute(KERNEL_CELL)
+        deadline = time.monotonic() + 60
+        interrupted = False
+        while time.monotonic() < deadline:
+            try:
+                msg = kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+                if not interrupted and "3 streaming" in "".join(out):      # the cell is busy streaming
+                    km.interrupt_kernel()
+                    interrupted = True
+            elif msg["msg_type"] == "error":
+                errors.append(msg["content"]["ename"])
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle" and interrupted:
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert interrupted, "".join(out)
+    assert errors == ["KeyboardInterrupt"]
+    assert "CLOSED 3" in "".join(out)
 
 
 # --------------------------------------------------------------------------- real vLLM
