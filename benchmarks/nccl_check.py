@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = versions()
     print(f"torch {info['torch']} (CUDA {info['cuda']}); NCCL torch runs: {info['nccl']}; "
-          f"NCCL torch's wheel asks for: {info['nccl_pinned_by_torch']}; installed: {info['nccl_installed']}", flush=True)
+          f"NCCL torch's wheel asks for: {info['nccl_pinned_by_torch']}; installed: {info['nccl_installed']}",
+          flush=True)
     if backend == "nccl":
         count = torch.cuda.device_count() if torch.version.cuda else 0
         if count < WORLD:

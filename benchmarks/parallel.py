@@ -180,7 +180,8 @@ def gpu_memory() -> dict[str, int] | None:
     return {row[0]: int(float(row[1])) for row in rows if len(row) == 2}
 
 
-def wait_memory_back(baseline: dict[str, int] | None, timeout: float = MEMORY_WAIT_S) -> tuple[dict | None, bool, float]:
+def wait_memory_back(baseline: dict[str, int] | None,
+                     timeout: float = MEMORY_WAIT_S) -> tuple[dict | None, bool, float]:
     """Poll until every GPU uses at most its baseline + ``MEMORY_MARGIN_MIB``: (reading, back, seconds)."""
     started = time.monotonic()
     if baseline is None:
@@ -305,7 +306,7 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 
 def _byte_level_alphabet() -> list[str]:
     """GPT-2's printable stand-in for each of the 256 bytes (what byte-level BPE vocabularies hold)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -398,7 +399,8 @@ LOG_TIMINGS = {
     "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
     "max_concurrency": r"Maximum concurrency for ([\d,]+ tokens per request: [\d.]+x)",
     "nccl": r"vLLM is using nccl==(\S+)",
-    "all_reduce_backends": r"((?:all-?reduce|backends?)[^\n]{0,80}\[['\"](?:CUSTOM|PYNCCL|NCCL|FLASHINFER|SYMM_MEM|QUICK)[^\n]*)",
+    "all_reduce_backends": (r"((?:all-?reduce|backends?)[^\n]{0,80}"
+                            r"\[['\"](?:CUSTOM|PYNCCL|NCCL|FLASHINFER|SYMM_MEM|QUICK)[^\n]*)"),
     "flashinfer_all_reduce": r"(Initialized FlashInfer[^\n]*|FlashInfer[^\n]{0,40}(?:multicast|allreduce)[^\n]*)",
     "custom_all_reduce_off": r"((?:Custom allreduce|custom all-?reduce) is disabled[^\n]*)",
 }
@@ -666,11 +668,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                         "with --load-format dummy). Default: the embedded model (--cpu-smoke only)")
     parser.add_argument("--configs", type=_configs, default=DEFAULT_CONFIGS, help="comma-separated, in order "
                         f"(default {','.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--streams", type=_csv_ints, default=(1, 8, 32, 128), help="concurrent streams (default 1,8,32,128)")
+    parser.add_argument("--streams", type=_csv_ints, default=(1, 8, 32, 128),
+                        help="concurrent streams (default 1,8,32,128)")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per answer, with ignore_eos (default 256)")
     parser.add_argument("--turns", type=int, default=2, help="requests per stream, each follow-up carrying the "
                                                              "previous answer (default 2)")
-    parser.add_argument("--single-tokens", type=int, default=512, help="tokens of the one-stream decode test (default 512)")
+    parser.add_argument("--single-tokens", type=int, default=512,
+                        help="tokens of the one-stream decode test (default 512)")
     parser.add_argument("--load-limit", type=float, default=90.0, help="hard limit of each load, s (default 90)")
     parser.add_argument("--budget", type=float, default=540.0,
                         help="seconds this run may take; a configuration that would not fit is skipped (default 540)")
@@ -681,8 +685,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", metavar="DIR", help="copy each server's log there, gzipped (<config>.log.gz)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="on this CPU machine: the embedded model, one config, 1 and 2 streams, tiny numbers")
-    parser.add_argument("--make-model", metavar="DIR", help="write a Qwen2-7B-Instruct-shaped folder without weights, then exit")
-    parser.add_argument("--tiny", action="store_true", help="with --make-model: a tiny model of the same vocabulary (CPU tests)")
+    parser.add_argument("--make-model", metavar="DIR",
+                        help="write a Qwen2-7B-Instruct-shaped folder without weights, then exit")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --make-model: a tiny model of the same vocabulary (CPU tests)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine result files (print; write with --out)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
@@ -718,7 +724,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"\nwrote {args.out}")
         return 0
 
-    signal.signal(signal.SIGTERM, _interrupt)   # `timeout` sends SIGTERM: stop the server, keep the results
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # `timeout` sends SIGTERM: stop the server, keep results
+    try:
+        return _run(args, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def device_slug(device: dict) -> str:
+    """``2xH200``, ``1xH100-80GB-HBM3``: for the results file's name."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", (device.get("name") or "").replace("NVIDIA ", "")).strip("-")
+    return f"{device.get('count', 0)}x{name}" if name else "cpu"
+
+
+def _run(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     started = time.monotonic()
     deadline = started + args.budget
     os.environ.update(MULTICAST_OFF)        # every child, servers included, inherits it
@@ -755,20 +774,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"model: {params['total'] / 1e9:.2f} B parameters; one decoded token reads "
             f"{per_token / 1e9:.2f} GB of weights ({bytes_per_param} bytes each){' (dummy weights)' if dummy else ''}")
         if bandwidth:
-            note = (f"ceiling of one stream's decode = weight bytes per GPU / HBM bandwidth: {per_token / 1e9:.2f} GB / "
+            note = (f"ceiling of one stream's decode = weight bytes per GPU / HBM bandwidth: "
+                    f"{per_token / 1e9:.2f} GB / "
                     f"{bandwidth} TB/s = {per_token / (bandwidth * 1e12) * 1e3:.2f} ms a token -> at most "
                     f"{bandwidth * 1e12 / per_token:,.0f} tokens/s on one GPU, twice that with tensor parallel 2 "
                     f"(each GPU reads half); {source}, a datasheet figure, not measured here")
             log(note)
 
     stamp = datetime.now(timezone.utc)
-    slug = "cpu-smoke" if not gpu else f"{device['count']}x" + re.sub(r"[^A-Za-z0-9]+", "-",
-                                                                      device["name"].replace("NVIDIA ", "")).strip("-")
+    slug = "cpu-smoke" if not gpu else device_slug(device)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"parallel-{slug}-{stamp:%Y%m%d-%H%M}.json"
     results: dict[str, Any] = {
         "benchmark": "benchmarks/parallel.py", "schema": 1, "date": stamp.isoformat(timespec="seconds"),
         "host": platform.node(), "device": device, "versions": vers, "environment": recorded_environment(),
-        "model": {"path": model if model_dir is None else str(model_dir), "served_model_name": SERVED_NAME if gpu else None,
+        "model": {"path": model if model_dir is None else str(model_dir),
+                  "served_model_name": SERVED_NAME if gpu else None,
                   "weights": "dummy (random, the right shape)" if dummy else "files", "config": model_config,
                   "parameters": params, "bytes_per_parameter": bytes_per_param},
         "bandwidth": {"hbm_tb_per_s": bandwidth, "source": source, "note": note},

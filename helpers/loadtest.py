@@ -53,12 +53,14 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from .endpoint import Endpoint, as_endpoint
-from .errors import StreamErrorEvent, StreamHTTPError, StreamInterruptedError, TutorialError
+from .errors import (IncompleteEventError, StreamErrorEvent, StreamHTTPError, StreamInterruptedError,
+                     TutorialError)
 from .stream.chat import DONE, Content, Finish, Usage, error_in, pieces_from_chunk
 from .stream.sse import SSEDecoder
 from .stream.stats import StreamStats
 
-SYSTEM_PROMPT = "You are a patient teaching assistant in a course on serving language models. Answer clearly and briefly."
+SYSTEM_PROMPT = ("You are a patient teaching assistant in a course on serving language models. "
+                 "Answer clearly and briefly.")
 
 # What students in this course ask, each with the follow-up they send after the answer.
 CONVERSATIONS: tuple[tuple[str, ...], ...] = (
@@ -287,8 +289,8 @@ class LoadResult:
             f"(nearest rank over {len(self.completed)} completed)",
             f"tokens/s:     {r(self.tokens_per_s)} total, {r(self.per_user_tokens_per_s)} per user (mean), "
             f"{r(self.decode_tokens_per_s_p50)} per stream while decoding (median)",
-            f"tokens:       {self.completion_tokens:,} ({'from usage' if self.tokens_from_usage else 'some counted as pieces'})"
-            f" in {self.wall_s:.1f} s",
+            f"tokens:       {self.completion_tokens:,} "
+            f"({'from usage' if self.tokens_from_usage else 'some counted as pieces'}) in {self.wall_s:.1f} s",
         ]
         if self.client_lag_p95_s is not None and self.client_lag_p95_s > 0.05:
             lines.append(f"note:         the client's event loop ran {self.client_lag_p95_s * 1000:.0f} ms late "
@@ -347,7 +349,8 @@ def error_kind(err: BaseException) -> str:
         if isinstance(e, StreamErrorEvent):
             return "error event"
     for e in chain:
-        if isinstance(e, (openai.APIConnectionError, StreamInterruptedError, ConnectionError, OSError)) \
+        if isinstance(e, (openai.APIConnectionError, StreamInterruptedError, IncompleteEventError, ConnectionError,
+                          OSError)) \
                 or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "h11"):
             return "connection"
     if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
@@ -410,10 +413,9 @@ async def _stream_sdk(client, request: dict, answer: _Collector) -> None:
     """The SDK's own chunk objects (slower: see the module's docstring)."""
     stream = await client.chat.completions.create(**request)
     try:
-        async for chunk in stream:
-            for piece in pieces_from_chunk(chunk):
+        async for chunk in stream:          # the SDK ends the loop at [DONE], and hides it:
+            for piece in pieces_from_chunk(chunk):     # the finish reason says the answer is whole
                 answer.take(piece)
-        answer.saw_done = True      # the SDK ends its loop at [DONE]
     finally:
         await stream.close()
 
@@ -453,7 +455,8 @@ class _Run:
             body["extra_body"] = extra
         return body
 
-    async def one(self, client, user: int, turn: int, messages: list[dict]) -> _Collector:
+    async def one(self, client, user: int, turn: int, messages: list[dict]) -> _Collector | None:
+        """One streamed request, recorded whatever happens; the answer, or None when it failed."""
         stats = StreamStats.begin()
         answer = _Collector(stats)
         sent_at = stats.started - self.t0

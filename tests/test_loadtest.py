@@ -32,7 +32,8 @@ import openai
 import pytest
 
 from helpers.endpoint import Endpoint
-from helpers.errors import StreamErrorEvent, StreamHTTPError, StreamInterruptedError, TutorialError
+from helpers.errors import (IncompleteEventError, StreamErrorEvent, StreamHTTPError, StreamInterruptedError,
+                            TutorialError)
 from helpers.loadtest import (LoadResult, LoadTestError, RequestResult, error_kind, percentile, plot_sweep,
                               run_load, run_load_async, sweep_table)
 from support import wait_for
@@ -176,6 +177,7 @@ def test_error_kinds_are_named():
     assert error_kind(openai.APITimeoutError(request=request)) == "timeout"
     assert error_kind(openai.APIConnectionError(request=request)) == "connection"
     assert error_kind(StreamInterruptedError("cut")) == "connection"
+    assert error_kind(IncompleteEventError("cut mid-event")) == "connection"
     assert error_kind(ConnectionRefusedError()) == "connection"
     assert error_kind(StreamErrorEvent("engine died", type="InternalServerError", code=500)) == "error event"
     assert error_kind(json.JSONDecodeError("bad", "x", 0)) == "bad response"
@@ -255,7 +257,8 @@ class TinyServer:
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             try:
                 while not self._stop.is_set():
-                    event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "la "}}]}).encode() + b"\n\n"
+                    chunk = {"choices": [{"index": 0, "delta": {"content": "la "}}]}
+                    event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
                     conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
                     time.sleep(0.05)
             except OSError:            # the client closed the connection

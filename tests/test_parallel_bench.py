@@ -233,8 +233,66 @@ NO_GPU = pytest.mark.skipif(bool(hardware.gpus()), reason="checks what happens o
 
 @NO_GPU
 def test_without_a_gpu_it_refuses_unless_asked_for_the_smoke(capsys):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     assert bench.main(["--model", "/nowhere"]) == 2
     assert "--cpu-smoke" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before          # main() gives SIGTERM back
+
+
+def fake_gpu_machine(monkeypatch, count):
+    """What main() reads of a GPU machine, and a run_config that records instead of starting vLLM."""
+    device = {"count": count, "name": "NVIDIA H200", "names": ["NVIDIA H200"] * count, "driver": "570.1",
+              "memory_total_mib": [143771] * count, "topology": "GPU0 X NV18"}
+    monkeypatch.setattr(bench, "device_info", lambda: device)
+    monkeypatch.setattr(bench, "versions", lambda: {"torch": "2.11.0", "vllm": "0.26.0", "nccl": "2.28.9",
+                                                   "torch_cuda": "13.0", "nccl_pinned_by_torch": "nvidia-nccl-cu13"})
+    monkeypatch.setattr(bench, "gpu_memory", lambda: {str(i): 0 for i in range(count)})
+    for name in bench.MULTICAST_OFF:          # main() sets them for its children: undone after the test
+        monkeypatch.delenv(name, raising=False)
+    started = []
+
+    def run_config(spec, args, *, save, bandwidth, params, bytes_per_param, **kwargs):
+        started.append(spec.name)
+        record = {"name": spec.name, "status": "ok", "ceiling_tokens_per_s": bandwidth * 1e12 / (
+            params["read_per_token"] * bytes_per_param / spec.tensor_parallel), "loads": [load(1, 2)]}
+        save(record)
+        return record
+
+    monkeypatch.setattr(bench, "run_config", run_config)
+    return started
+
+
+def test_on_two_gpus_every_configuration_runs_in_order_and_the_json_holds_them(monkeypatch, qwen_folder, tmp_path,
+                                                                               capsys):
+    started = fake_gpu_machine(monkeypatch, 2)
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", str(qwen_folder), "--configs", "one,tp2,dp2", "--out", str(out)]) == 0
+    assert started == ["one", "tp2", "dp2"]
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["configs"]] == ["one", "tp2", "dp2"]
+    assert data["model"]["weights"].startswith("dummy") and data["model"]["served_model_name"] == "Qwen"
+    assert data["bandwidth"]["hbm_tb_per_s"] == 4.8 and "datasheet" in data["bandwidth"]["note"]
+    assert data["configs"][1]["ceiling_tokens_per_s"] == pytest.approx(679, abs=1)
+    assert data["environment"]["NCCL_NVLS_ENABLE"] == "0"
+    text = capsys.readouterr().out
+    assert "at most 339 tokens/s on one GPU" in text and "2 x NVIDIA H200" in text
+    assert bench.device_slug(bench.device_info()) == "2xH200"
+
+
+def test_configurations_that_do_not_fit_are_skipped_and_said(monkeypatch, qwen_folder, tmp_path):
+    started = fake_gpu_machine(monkeypatch, 1)
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", str(qwen_folder), "--configs", "one,tp2,dp2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert started == ["one"]
+    assert [(c["name"], c["status"]) for c in data["configs"]] == [("one", "ok"), ("tp2", "skipped"), ("dp2", "skipped")]
+    assert data["configs"][1]["error"] == "needs 2 GPUs, this machine has 1"
+    assert bench.main(["--model", str(qwen_folder), "--configs", "one", "--budget", "100", "--out", str(out)]) == 0
+    skipped = json.loads(out.read_text())["configs"][0]
+    assert skipped["status"] == "skipped" and skipped["error"].startswith("time budget")
+    assert started == ["one"]
 
 
 # --------------------------------------------------------------------------- the model folder
