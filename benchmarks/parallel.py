@@ -350,7 +350,7 @@ def synthetic_tokenizer(vocab_size: int):
     for left, right in itertools.islice(words(), needed):
         merges.append((left, right))
         vocab[left + right] = next(ids)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
