@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from helpers import get_server  # noqa: E402
-from helpers.chat_stream import Content, openai_chat, requests_chat  # noqa: E402
+from helpers.stream.chat import Content, openai_chat, requests_chat  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -119,8 +119,8 @@ def client_overhead(server, rounds, tokens):
 WIDGET_CODE = r"""
 import sys, time, json
 sys.path.insert(0, %(root)r)
-from helpers.chat_stream import ChatStream
-from helpers.stream_widget import StreamView
+from helpers.stream.chat import ChatStream
+from helpers.stream.widget import StreamView
 from IPython.display import display
 
 def chunks(n, per_second):
@@ -191,8 +191,8 @@ def widget_cost(tokens=6000, per_second=2000):
 
 def parser_cost(path=ROOT / "tests" / "data" / "sse_vllm_chat_zh_usage.sse", repeat=200):
     """Client CPU per chunk on a recorded real stream, free of server noise."""
-    from helpers.chat_stream import pieces_from_chunk
-    from helpers.sse import SSEDecoder
+    from helpers.stream.chat import pieces_from_chunk
+    from helpers.stream.sse import SSEDecoder
 
     body = path.read_bytes()
     events = body.count(b"\n\n")

@@ -22,6 +22,8 @@ OLD_PREFIX = "VLLM_TUTORIAL_"
 SCRIPT_VARIABLES = ("FLAVOR", "PYTHON", "VENV")
 # Read by this module, not by ``settings``.
 PATH_VARIABLES = ("CONFIG", "STATE_DIR", "CACHE_DIR")
+# Read by other parts (a server's marker, the class gateway, the browser test), not settings.
+OTHER_VARIABLES = ("SERVER_ID", "GATEWAY_KEYS", "GATEWAY_INTERNAL_KEY", "GATEWAY_INTERNAL_KEY_FILE", "ARTIFACTS")
 
 def tutorial_variables(environ: Mapping[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """``{SUFFIX: (variable name, value)}`` for every ``TUTORIAL_*`` (or old ``VLLM_TUTORIAL_*``)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import SettingsError
 from .logs.presets import PRESET_NAMES
-from .paths import PATH_VARIABLES, REPO_ROOT, SCRIPT_VARIABLES, tutorial_variables
+from .paths import OTHER_VARIABLES, PATH_VARIABLES, REPO_ROOT, SCRIPT_VARIABLES, tutorial_variables
 
 EMBEDDED = "embedded"
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -124,7 +124,7 @@ def load_settings(environ: os._Environ | dict | None = None, **overrides: object
             values[key] = _coerce(key, value, str(path))
         sources.append(str(path))
     for suffix, (name, value) in sorted(tutorial_variables(environ).items()):
-        if suffix in PATH_VARIABLES or suffix in SCRIPT_VARIABLES:  # not settings of the server
+        if suffix in PATH_VARIABLES + SCRIPT_VARIABLES + OTHER_VARIABLES:   # not settings of the server
             continue
         values[suffix.lower()] = _coerce(suffix.lower(), value, name)
         sources.append(name)

@@ -5,10 +5,12 @@ releases, ``/cohere``): without a key ``POST /invocations`` generates text, and 
 ``/detokenize``, ``/metrics``, ``/load``, ``/docs``, ``/openapi.json`` (and ``/pause``,
 ``/resume`` where they exist) answer anyone. So vLLM listens on 127.0.0.1 with an *internal* key
 (``VLLM_API_KEY`` in its environment), and this gateway, bound to the network address, passes
-exactly four things and answers everything else itself, without touching vLLM:
+exactly these and answers everything else itself, without touching vLLM:
 
 * ``GET /health``: no key; ``{"status": "ok"}`` (or 503 ``unavailable``), nothing else;
-* ``GET /v1/models``: a student's key;
+* ``GET /v1/models``, ``GET /version`` and ``GET /metrics``: a student's key (the load numbers
+  notebook 04 reads to show a stopped stream ending at the server; vLLM itself serves
+  ``/metrics`` and ``/version`` to anyone);
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: a student's key, and the body
   checked and capped (``policy``);
 * any other path: 404, any other method: 405, as OpenAI-style JSON errors.
@@ -79,8 +81,10 @@ KEYS_VARIABLE = keyfile.KEYS_VARIABLE
 READY_LINE = "gateway ready:"
 
 # The only routes that reach vLLM, and the one method each accepts.
-FORWARDED = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
-SERVED = "GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions"
+FORWARDED = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST",
+             "/metrics": "GET", "/version": "GET"}
+SERVED = ("GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
+          "GET /metrics, GET /version")
 SSE = "text/event-stream"
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -333,7 +337,7 @@ class Gateway:
 
     # ------------------------------------------------------------ the forwarded routes
     async def forward(self, scope, receive, send) -> None:
-        """An ASGI app for the three forwarded routes (the router sends only exact paths here)."""
+        """An ASGI app for the forwarded routes (the router sends only exact paths here)."""
         route, method = scope["path"], scope["method"]
         started = time.monotonic()
         if method != FORWARDED[route]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from helpers.classroom import keys as keyfile
@@ -98,7 +98,16 @@ class FakeVLLM:
                 return JSONResponse({"choices": [{"text": "answer"}], "usage": {"completion_tokens": 1}})
             return StreamingResponse(self._events(request, body), media_type="text/event-stream")
 
-        routes = [Route("/health", health), Route("/v1/models", models),
+        async def metrics(request: Request):
+            self._record(request, None)
+            return PlainTextResponse('vllm:num_requests_running{engine="0"} 0.0\n')
+
+        async def version(request: Request):
+            self._record(request, None)
+            return JSONResponse({"version": "fake"})
+
+        routes = [Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
+                  Route("/version", version),
                   Route("/v1/chat/completions", generate, methods=["POST"]),
                   Route("/v1/completions", generate, methods=["POST"])]
         return Starlette(routes=routes)

@@ -62,12 +62,12 @@ def generation_requests(fake: FakeVLLM) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- routes
-def test_only_four_routes_pass_everything_else_is_404_or_405_without_reaching_vllm(fake, class_keys):
+def test_only_the_class_routes_pass_everything_else_is_404_or_405_without_reaching_vllm(fake, class_keys):
     path, made = class_keys
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
         for method, url in [("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/detokenize"),
-                            ("GET", "/metrics"), ("GET", "/load"), ("GET", "/docs"), ("GET", "/openapi.json"),
-                            ("POST", "/pause"), ("POST", "/resume"), ("GET", "/version"), ("GET", "/v1/models/"),
+                            ("GET", "/load"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                            ("POST", "/pause"), ("POST", "/resume"), ("GET", "/metrics/"), ("GET", "/v1/models/"),
                             ("POST", "/v1/chat/completions/render"), ("POST", "/v1/responses"),
                             ("GET", "/V1/MODELS"), ("POST", "/inference/v1/generate"), ("GET", "/")]:
             for headers in ({}, bearer(made["ana"])):
@@ -75,6 +75,7 @@ def test_only_four_routes_pass_everything_else_is_404_or_405_without_reaching_vl
                 assert reply.status_code == 404, (method, url, reply.text)
                 assert error_of(reply)["code"] == "not_found"
         for method, url in [("POST", "/v1/models"), ("DELETE", "/v1/models"), ("HEAD", "/v1/models"),
+                            ("POST", "/metrics"), ("DELETE", "/version"),
                             ("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"),
                             ("OPTIONS", "/v1/chat/completions"), ("POST", "/health")]:
             reply = client.request(method, url, headers=bearer(made["ana"]))
@@ -83,6 +84,19 @@ def test_only_four_routes_pass_everything_else_is_404_or_405_without_reaching_vl
         health = client.get("/health")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert generation_requests(fake) == []
+
+
+def test_metrics_and_version_need_a_key_and_reach_vllm_with_the_internal_one(fake, class_keys):
+    # Notebook 04 reads vllm:num_requests_running to show a stopped stream ending at the server.
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        for url in ("/metrics", "/version"):
+            assert client.get(url).status_code == 401
+            reply = client.get(url, headers=bearer(made["ana"]))
+            assert reply.status_code == 200, reply.text
+        assert "vllm:num_requests_running" in client.get("/metrics", headers=bearer(made["ana"])).text
+    reached = [r for r in fake.requests if r["path"] in ("/metrics", "/version")]
+    assert len(reached) == 3 and all(made["ana"] not in str(r["headers"]) for r in reached)
 
 
 def test_health_says_only_the_status_and_503_when_vllm_is_down(class_keys):
