@@ -316,9 +316,11 @@ class VLLMServer:
 
     def _fail_start(self, sign: Diagnosis | None = None) -> None:
         """Raise the reason a start failed: the process exited, or ``sign`` was seen while it
-        hung on (then it is stopped first)."""
-        if sign is not None and self.owned:
-            self.stop()
+        hung on (then every process of it is killed at once: a failed start has nothing to shut
+        down in order, and its log is already written)."""
+        if sign is not None and self.owned and self.record is not None:
+            self.record.group().kill()
+            self._reap()
         code = self._guard.wait() if self._guard is not None else None
         text = self.log_text()
         diagnosis = diagnose(text, code) or sign

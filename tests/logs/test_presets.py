@@ -40,7 +40,8 @@ def test_quiet_filters_only_the_stats_logger_and_drops_access_lines(tmp_path):
     assert r.args == ("--disable-uvicorn-access-log",)
     assert r.env["VLLM_CONFIGURE_LOGGING"] == "1"
     config = json.loads(Path(r.env["VLLM_LOGGING_CONFIG_PATH"]).read_text())
-    assert config == filter_config("vllm.v1.metrics.loggers")
+    takes = log_presets.formatter_takes_log_level(log_presets.vllm_dir())
+    assert config == filter_config("vllm.v1.metrics.loggers", log_level_kwarg=takes)
     assert config["loggers"]["vllm.v1.metrics.loggers"] == {"level": "WARNING"}
     assert "--disable-log-stats" not in r.args  # that one would empty /metrics too
     assert "VLLM_LOGGING_LEVEL" not in r.env     # warnings and errors stay
@@ -101,21 +102,25 @@ def test_filter_config_keeps_vllms_own_format_and_handler():
 
     default = vllm.logger.DEFAULT_LOGGING_CONFIG
     ours = filter_config()
-    assert ours["formatters"]["vllm"]["format"] == default["formatters"]["vllm"]["format"]
-    assert ours["formatters"]["vllm"]["datefmt"] == default["formatters"]["vllm"]["datefmt"]
-    assert ours["formatters"]["vllm"]["()"] == default["formatters"]["vllm"]["()"]
+    theirs = default["formatters"]["vllm"]
+    assert ours["formatters"]["vllm"]["format"] == theirs["format"]
+    assert ours["formatters"]["vllm"]["datefmt"] == theirs["datefmt"]
+    # 0.32.0 names the formatter with "()" (a factory), 0.26.0 with "class": the same formatter
+    assert ours["formatters"]["vllm"]["()"] == theirs.get("()", theirs.get("class"))
     assert ours["handlers"]["vllm"]["stream"] == default["handlers"]["vllm"]["stream"]
     assert ours["loggers"]["vllm"] == {**default["loggers"]["vllm"], "level": "INFO"}
     assert set(ours["loggers"]) == {"vllm", "vllm.v1.metrics.loggers"}
 
 
 def test_the_formatter_gets_log_level_only_where_vllm_takes_it(tmp_path):
-    assert log_presets.formatter_takes_log_level(log_presets.vllm_dir())        # 0.32.0 takes it
-    older = tmp_path / "vllm" / "logging_utils"                                # 0.26.0 refused it
-    older.mkdir(parents=True)
-    (older / "formatter.py").write_text(
-        "class NewLineFormatter(logging.Formatter):\n    def __init__(self, fmt, datefmt=None, style='%'):\n")
-    assert not log_presets.formatter_takes_log_level(tmp_path / "vllm")
+    for version, signature, takes in (
+            ("0.26", "def __init__(self, fmt, datefmt=None, style='%'):", False),    # refused it
+            ("0.32", "def __init__(self, fmt, datefmt=None, style='%', log_level=None):", True)):
+        folder = tmp_path / version / "vllm" / "logging_utils"
+        folder.mkdir(parents=True)
+        (folder / "formatter.py").write_text(
+            f"class NewLineFormatter(logging.Formatter):\n    {signature}\n")
+        assert log_presets.formatter_takes_log_level(tmp_path / version / "vllm") is takes
     assert "log_level" not in filter_config(log_level_kwarg=False)["formatters"]["vllm"]
 
 
@@ -124,7 +129,8 @@ def test_filter_config_is_valid_for_dictconfig():
     before = {name: (logging.getLogger(name).level, logging.getLogger(name).handlers[:],
                      logging.getLogger(name).propagate) for name in ("vllm", "vllm.v1.metrics.loggers")}
     try:
-        logging.config.dictConfig(filter_config())
+        takes = log_presets.formatter_takes_log_level(log_presets.vllm_dir())
+        logging.config.dictConfig(filter_config(log_level_kwarg=takes))
         assert not logging.getLogger("vllm.v1.metrics.loggers").isEnabledFor(logging.INFO)
         assert logging.getLogger("vllm.v1.metrics.loggers").isEnabledFor(logging.WARNING)
         assert logging.getLogger("vllm.engine").isEnabledFor(logging.INFO)

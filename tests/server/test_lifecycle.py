@@ -155,7 +155,7 @@ def test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_eve
             keyless.models()
         reply = server.client().chat.completions.create(
             model=server.name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5)
-        assert reply.choices[0].message.content
+        assert reply.usage.completion_tokens >= 1      # (random weights on a GPU may stop at once)
 
         # A notebook's get_server() in another process reuses it; other flags are said, not hidden.
         probe = "from helpers import get_server; print('GROUP', get_server().pgid)"
