@@ -11,6 +11,8 @@
 * Every test that starts vLLM, or uses the shared server, carries the ``vllm`` marker (the
   notebooks too, but for 00, which starts nothing): ``pytest -m "not vllm"`` is the quick run.
 * At the end the shared server is stopped, and the run fails if any server process is left.
+* A student's run against a class server (``TUTORIAL_SERVER_URL`` set: the client set-up, no
+  vLLM) starts no server: the notebooks connect to that one.
 """
 
 from __future__ import annotations
@@ -57,9 +59,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.vllm)
 
 
+def _class_student() -> bool:
+    """The run is a student's, connected to a class server elsewhere: nothing starts here."""
+    from helpers.settings import load_settings
+
+    return bool(load_settings().server_url)
+
+
 def pytest_runtest_setup(item):
     path = getattr(item, "path", None)
-    if path is None or path.suffix != ".ipynb":
+    if path is None or path.suffix != ".ipynb" or _class_student():
         return
     if not OWN_SERVER.match(path.name):
         if "server" not in _shared:

@@ -5,7 +5,11 @@
 #   ./tutorial.sh test     set up (once), then run the whole test suite (pytest: unit tests + notebooks)
 #
 #   ./tutorial.sh setup    only the set-up: environment, then the embedded model
-#   ./tutorial.sh serve    start a detached server for a class (ends with: ./tutorial.sh stop)
+#   ./tutorial.sh serve    start a detached server (ends with: ./tutorial.sh stop); with TUTORIAL_HOST
+#                          set to a network address, a class server: vLLM on loopback behind a
+#                          gateway that checks each student's key (./tutorial.sh keys create ...)
+#   ./tutorial.sh status   what is running;  ./tutorial.sh stop: end it
+#   ./tutorial.sh keys     create|revoke|list the students' keys for a class server
 #
 # The set-up is idempotent: it records what it installed in the environment and does nothing
 # the second time unless a requirements file changed. It picks vLLM's CUDA build when
@@ -112,7 +116,8 @@ case "$cmd" in
     say "Running the tests: pytest (unit tests against real vLLM, then every notebook under nbval)"
     exec "$(python_bin)" -m pytest "$@" ;;
   serve) setup; exec "$(python_bin)" -m helpers start ;;
+  keys) exec "$(python_bin)" -m helpers.classroom.keys "$@" ;;
   stop) exec "$(python_bin)" -m helpers stop ;;
   status) exec "$(python_bin)" -m helpers status ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -4,7 +4,8 @@ They all derive from ``TutorialError``, so a notebook can catch the family in on
 Errors about a value the learner gave (a setting, a preset name, a GPU too old) are also
 ``ValueError``s.
 
-* settings and machine: ``SettingsError``, ``LogPresetError``, ``UnsupportedGpuError``;
+* settings and machine: ``SettingsError``, ``LogPresetError``, ``UnsupportedGpuError``,
+  ``UnsafeHostError``;
 * the model: ``ModelNotFoundError``, ``EmbeddedModelError``;
 * the server's life: ``PortInUseError``, ``ServerStartError`` (``StartupTimeoutError``),
   ``ServerDiedError``, ``ApiKeyError``, ``NotOwnerError``; a server elsewhere:
@@ -38,6 +39,11 @@ class EmbeddedModelError(TutorialError):
 
 class ModelNotFoundError(TutorialError):
     """The model path does not exist, is not a model folder, or the hub id cannot be fetched."""
+
+
+class UnsafeHostError(TutorialError, ValueError):
+    """A vLLM server asked to listen on a network address: vLLM's own key guards only /v1
+    routes, so only a gateway with per-student keys may face the network."""
 
 
 class PortInUseError(TutorialError):

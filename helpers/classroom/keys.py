@@ -78,8 +78,9 @@ def default_handout_path() -> Path:
 
 
 def handout_line(url: str, key: str, name: str) -> str:
-    """One student's line: the server's URL and their key, as the tutorial's settings."""
-    return f"TUTORIAL_SERVER_URL={url} TUTORIAL_API_KEY={key} ./tutorial.sh lab   # {name}"
+    """One student's line: the server's URL and their key, as the tutorial's settings, with the
+    light set-up (no vLLM, no torch) on the student's laptop."""
+    return f"TUTORIAL_SERVER_URL={url} TUTORIAL_API_KEY={key} TUTORIAL_FLAVOR=client ./tutorial.sh lab   # {name}"
 
 
 # --------------------------------------------------------------------------- reading

@@ -132,7 +132,7 @@ def from_settings(settings: Settings | None = None, gpus: tuple[hardware.Gpu, ..
                     "from the settings" if settings.served_model_name else "short name clients send as `model`"))
     reasons.append(("--host " + settings.host, "loopback only: nobody else on the network can reach it"
                     if settings.host in ("127.0.0.1", "localhost", "::1") else
-                    "WARNING: reachable from the network; protect it with api_key"))
+                    "a network address: refused at start (a class server is ./tutorial.sh serve: a gateway)"))
     if settings.dtype != "auto":
         dtype = hardware.Choice(settings.dtype, "from the settings")
     else:

@@ -28,7 +28,7 @@ import requests
 
 from ..endpoint import Endpoint, http_url
 from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStartError,
-                      StartupTimeoutError, TutorialError)
+                      StartupTimeoutError, TutorialError, UnsafeHostError)
 from ..paths import server_environment, short_path, state_dir
 from ..settings import Settings, load_settings
 from . import guard, registry
@@ -36,6 +36,7 @@ from .config import ServerConfig, from_settings
 from .diagnosis import Diagnosis, StartWatch, diagnose
 from .model_source import check_model_folder, looks_like_path
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
 FATAL_SETTLE_SECONDS = 2.0    # after a fatal sign, time for vLLM to exit by itself (a fuller log)
@@ -198,7 +199,13 @@ class VLLMServer:
 
     # ---------------------------------------------------------------- start
     def _preflight(self) -> None:
-        """The cheap checks, before anything starts: the model folder, then the port."""
+        """The cheap checks, before anything starts: the address, the model folder, the port."""
+        if self.config.host not in LOOPBACK:
+            raise UnsafeHostError(
+                f"a vLLM server on {self.config.host} could be reached from other machines, and vLLM's own "
+                f"API key guards only its /v1 routes (/invocations, /tokenize, /metrics ... answer anyone). "
+                f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
+                f"behind a gateway that checks every student's key (notebook 07).")
         if looks_like_path(self.config.model):
             check_model_folder(Path(self.config.model).expanduser())
         if self.config.port is None:

@@ -35,7 +35,7 @@ def test_keys_file_holds_only_hashes_and_the_handout_holds_one_pasteable_line_ea
     assert lines == [keyfile.handout_line("http://198.18.0.1:8080", made[n], n) for n in ("ana", "bo")]
     words = shlex.split(lines[0], comments=True)              # what a shell makes of the pasted line
     assert words == ["TUTORIAL_SERVER_URL=http://198.18.0.1:8080", f"TUTORIAL_API_KEY={made['ana']}",
-                     "./tutorial.sh", "lab"]
+                     "TUTORIAL_FLAVOR=client", "./tutorial.sh", "lab"]
     table = keyfile.read_table(path)
     assert table.student(made["bo"]) == "bo" and table.student("sk-other") is None
 

@@ -228,3 +228,43 @@ def test_a_hundred_parallel_streams_on_one_key_get_at_most_the_limit_while_anoth
     other = seen["other"]
     assert other["status"] == 200 and other["bytes_before"] > 0
     assert other["bytes_after"] > 0 and not seen["other_done_when_flood_answered"]
+
+
+def test_a_client_only_set_up_runs_notebooks_02_to_04_against_the_class_server(student_net, shared_server,
+                                                                                tmp_path_factory):
+    """A student's laptop: the light set-up (no vLLM, no torch) made by the README's command,
+    then notebooks 02-04 under nbval, strict, from the student's namespace through the gateway."""
+    import time
+
+    from helpers.paths import REPO_ROOT
+
+    work = tmp_path_factory.mktemp("student")
+    venv = work / "client-venv"
+    started = time.monotonic()
+    setup = subprocess.run([str(REPO_ROOT / "tutorial.sh"), "setup"], capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "TUTORIAL_FLAVOR": "client", "TUTORIAL_VENV": str(venv)})
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
+    print(f"client set-up: {time.monotonic() - started:.0f} s, {size / 2**20:.0f} MiB")
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                            "print([m for m in ('vllm', 'torch', 'transformers') if u.find_spec(m)])"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "[]", check.stdout + check.stderr
+
+    path, made = make_keys(work, "ana")
+    gateway = start_gateway(shared_server, host=student_net.teacher, keys_path=path, progress=print)
+    try:
+        notebooks = [str(REPO_ROOT / "notebooks" / f"{n}.ipynb")
+                     for n in ("02_list_models", "03_stream_requests", "04_stream_openai")]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TUTORIAL_", "VLLM_TUTORIAL_"))}
+        env.update(TUTORIAL_SERVER_URL=gateway.url, TUTORIAL_API_KEY=made["ana"], TUTORIAL_STATE_DIR=str(work / "state"),
+                   PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+        env.pop("PYTHONPATH", None)
+        run = subprocess.run(["ip", "netns", "exec", student_net.namespace, str(venv / "bin" / "python"), "-m", "pytest",
+                              "-p", "no:cacheprovider", "-q", *notebooks], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+        print(run.stdout[-1500:])
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        assert re.search(r"\b\d+ passed\b", run.stdout) and "failed" not in run.stdout.splitlines()[-1]
+    finally:
+        gateway.stop()

@@ -99,6 +99,28 @@ def test_busy_port_is_refused_at_once(listener):
     assert records_now() == before
 
 
+def test_a_network_address_is_refused_before_anything_starts():
+    # vLLM's own key guards only its /v1 routes: no vLLM server faces the network (a class server
+    # is vLLM on loopback behind the gateway).
+    from helpers.errors import UnsafeHostError
+
+    before = records_now()
+    started = time.monotonic()
+    with pytest.raises(UnsafeHostError, match="gateway"):
+        get_server(load_settings(host="0.0.0.0"), progress=lambda _m: None)
+    assert time.monotonic() - started < 0.5 and records_now() == before
+
+
+def test_a_class_server_without_student_keys_is_refused(tmp_path):
+    env = {**os.environ, "TUTORIAL_HOST": "0.0.0.0", "TUTORIAL_CACHE_DIR": str(tmp_path / "cache")}
+    before = records_now()
+    done = subprocess.run([sys.executable, "-m", "helpers", "start"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "refused" in done.stderr and "keys create" in done.stderr
+    assert records_now() == before                  # nothing started
+
+
 # --- real vLLM ------------------------------------------------------------------------------------
 
 @pytest.mark.vllm
