@@ -48,7 +48,7 @@ import math
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
@@ -438,6 +438,7 @@ class _Run:
     request_timeout: float
     reader: str
     progress: Callable[[str], None] | None
+    api_keys: tuple[str, ...]
     progress_every: float
     records: list[RequestResult] = field(default_factory=list)
     streaming: int = 0
@@ -530,7 +531,9 @@ class _Run:
     async def run(self, stop: asyncio.Event | None = None) -> LoadResult:
         """Every user at once, until all are done, the time limit, or ``stop`` is set."""
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        client = self.endpoint.async_client(timeout=self.request_timeout)
+        # One client per key: each simulated student with their own, as in a class (or one for all).
+        clients = [replace(self.endpoint, api_key=key).async_client(timeout=self.request_timeout)
+                   for key in self.api_keys] or [self.endpoint.async_client(timeout=self.request_timeout)]
         self.t0 = time.perf_counter()
         background = [asyncio.create_task(self.ticker())]
         if self.progress is not None:
@@ -538,7 +541,7 @@ class _Run:
         stopper = asyncio.create_task(stop.wait()) if stop is not None else None
         if stopper is not None:
             background.append(stopper)
-        tasks = [asyncio.create_task(self.user(client, u)) for u in range(self.users)]
+        tasks = [asyncio.create_task(self.user(clients[u % len(clients)], u)) for u in range(self.users)]
         hit_limit = False
         try:
             deadline = self.t0 + self.duration_limit
@@ -563,7 +566,8 @@ class _Run:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await client.close()
+            for client in clients:
+                await client.close()
         wall = (max((r.sent_at + r.total_s for r in self.records), default=0.0)
                 - min((r.sent_at for r in self.records), default=0.0))
         for task in tasks:   # a bug in a user task would otherwise go unseen
@@ -597,7 +601,7 @@ def _conversations(prompts) -> tuple[tuple[str, ...], ...]:
 
 def _prepare(target, users, *, turns, max_tokens, duration_limit, prompts, system_prompt, temperature,
              ignore_eos, extra_body, think_time, ramp_up, request_timeout, reader, progress, progress_every,
-             model, api_key) -> _Run:
+             model, api_key, api_keys=None) -> _Run:
     endpoint = as_endpoint(target, model, api_key)
     if not isinstance(users, int) or not 1 <= users <= MAX_USERS:
         raise LoadTestError(f"users must be a whole number from 1 to {MAX_USERS}, got {users!r}")
@@ -618,7 +622,7 @@ def _prepare(target, users, *, turns, max_tokens, duration_limit, prompts, syste
                 system_prompt=system_prompt, temperature=temperature, ignore_eos=ignore_eos,
                 extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
                 request_timeout=request_timeout, reader=reader, progress=progress,
-                progress_every=progress_every)
+                progress_every=progress_every, api_keys=tuple(api_keys or ()))
 
 
 _DOC_ARGS = """
@@ -635,6 +639,8 @@ _DOC_ARGS = """
     user waits between turns. ``request_timeout``: seconds without a byte before a request
     counts as a ``timeout`` error. ``progress``: a function taking one line (``print``), called
     every ``progress_every`` seconds and at the end. ``reader``: ``"sse"`` (default) or ``"sdk"``.
+    ``api_keys``: one key per simulated user, in turn (a class gateway limits each key's streams);
+    otherwise every user sends the target's key (or ``api_key``).
 """
 
 
@@ -644,13 +650,14 @@ async def run_load_async(target: Any, users: int, *, turns: int = 2, max_tokens:
                          ignore_eos: bool = False, extra_body: dict | None = None, think_time: float = 0.0,
                          ramp_up: float = 0.0, request_timeout: float = 60.0, reader: str = "sse",
                          progress: Callable[[str], None] | None = None, progress_every: float = 5.0,
-                         model: str | None = None, api_key: str | None = None) -> LoadResult:
+                         model: str | None = None, api_key: str | None = None,
+                         api_keys: Sequence[str] | None = None) -> LoadResult:
     """``await`` form of ``run_load`` (inside a running event loop)."""
     run = _prepare(target, users, turns=turns, max_tokens=max_tokens, duration_limit=duration_limit,
                    prompts=prompts, system_prompt=system_prompt, temperature=temperature,
                    ignore_eos=ignore_eos, extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
                    request_timeout=request_timeout, reader=reader, progress=progress,
-                   progress_every=progress_every, model=model, api_key=api_key)
+                   progress_every=progress_every, model=model, api_key=api_key, api_keys=api_keys)
     return await run.run()
 
 
@@ -659,7 +666,8 @@ def run_load(target: Any, users: int, *, turns: int = 2, max_tokens: int = 128, 
              temperature: float = 0.0, ignore_eos: bool = False, extra_body: dict | None = None,
              think_time: float = 0.0, ramp_up: float = 0.0, request_timeout: float = 60.0,
              reader: str = "sse", progress: Callable[[str], None] | None = None, progress_every: float = 5.0,
-             model: str | None = None, api_key: str | None = None) -> LoadResult:
+             model: str | None = None, api_key: str | None = None,
+             api_keys: Sequence[str] | None = None) -> LoadResult:
     """Run ``users`` simulated users against ``target`` and return what they measured.
 
     Works in a plain script and in a notebook cell alike (where an event loop already runs,
@@ -669,7 +677,7 @@ def run_load(target: Any, users: int, *, turns: int = 2, max_tokens: int = 128, 
                    prompts=prompts, system_prompt=system_prompt, temperature=temperature,
                    ignore_eos=ignore_eos, extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
                    request_timeout=request_timeout, reader=reader, progress=progress,
-                   progress_every=progress_every, model=model, api_key=api_key)
+                   progress_every=progress_every, model=model, api_key=api_key, api_keys=api_keys)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

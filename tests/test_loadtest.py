@@ -427,3 +427,17 @@ def test_a_wrong_model_name_is_a_404_for_every_request_and_the_run_returns(share
     assert result.sent == 6 and result.errors == {"HTTP 404": 6} and not result.completed
     assert "no-such-model" in result.requests[0].message
     assert "HTTP 404: 6" in result.table()
+
+
+def test_each_simulated_user_can_send_a_key_of_their_own():
+    # A class gateway limits each student's streams: a class load test gives each user a key.
+    from helpers.endpoint import Endpoint
+    from stream.sse_fault_server import DATA, FaultServer, Reply
+
+    chat = (DATA / "sse_vllm_chat_zh_usage.sse").read_bytes()
+    with FaultServer(Reply(parts=[chat])) as server:
+        result = run_load(Endpoint(server.base_url.removesuffix("/v1"), "m"), 3, turns=1, max_tokens=8,
+                          api_keys=["sk-ana", "sk-bo"], duration_limit=30)
+    assert len(result.completed) == 3 and not result.errors, result.table()
+    keys = sorted({k.lower(): v for k, v in r.headers.items()}["authorization"] for r in server.requests)
+    assert keys == ["Bearer sk-ana", "Bearer sk-ana", "Bearer sk-bo"]
