@@ -38,20 +38,36 @@ from browser_lab import (PROBE, READY, RUN_ALL, SHUT_DOWN, JupyterLab, busy, chr
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 OWN_SERVER = re.compile(r"^0[015]_")               # as in conftest.py: these need no shared server
+# Those that start their own servers (or none) first: until one needs it the run's shared server
+# is not started, so a run of this file alone has one vLLM server at a time.
+NOTEBOOKS = sorted((p.name for p in (ROOT / "notebooks").glob("*.ipynb")),
+                   key=lambda name: (not OWN_SERVER.match(name), name))
 RUN_TIMEOUT = float(os.environ.get("TUTORIAL_BROWSER_TIMEOUT", "1500"))   # one notebook, Run All
 POLL = 0.25
 STATS = re.compile(r"(finished: \S+|stopped by you) · .*\d+ tokens \(\w+\) in [\d.]+ s")
 STREAM_CALLS = ("show_stream", "StreamView", "show_streams", "StreamGrid")
 
-pytestmark = [
-    pytest.mark.browser, pytest.mark.vllm,
-    pytest.mark.skipif(chromium_executable() is None,
-                       reason="no Chromium: install Debian's `chromium` (.ci/run does) or set TUTORIAL_CHROMIUM"),
-]
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="playwright is not installed (requirements/common.txt pins it)")
+pytestmark = [pytest.mark.browser, pytest.mark.vllm]
+
+
+def _missing() -> str | None:
+    if chromium_executable() is None:
+        return ("no Chromium: `apt-get install chromium` (.ci/run does, as root) or point "
+                "TUTORIAL_CHROMIUM at one")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (requirements/common.txt pins it)"
+    return None
+
+
+if _missing():
+    if os.environ.get("TUTORIAL_REQUIRE_BROWSER") == "1":   # .ci/run: it installed the browser
+        pytest.fail(f"browser tests required (TUTORIAL_REQUIRE_BROWSER=1), but: {_missing()}", pytrace=False)
+    pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
+
+from playwright import sync_api  # noqa: E402
 
 STOP_NOTEBOOK = "stop_check.ipynb"
 STOP_CELLS = [
@@ -165,10 +181,12 @@ def shut_down_kernel(page) -> None:
     page.evaluate(SHUT_DOWN)
 
 
-def other_servers(keep) -> list[str]:
+def kernels_servers() -> list[str]:
+    """Servers running that this pytest process does not own (the shared one it does): after a
+    notebook's kernel shut down, there should be none."""
     from helpers.server import registry
 
-    return [r.describe() for r in registry.live(log=lambda _m: None) if keep is None or r.port != keep.port]
+    return [r.describe() for r in registry.live(log=lambda _m: None) if r.owner_pid != os.getpid()]
 
 
 # --------------------------------------------------------------------------- checks
@@ -232,15 +250,15 @@ def check_stream_views(snapshot: dict, samples: dict) -> tuple[list[str], list[s
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_jupyterlab(name, lab, page, artifacts, request):
-    keep = None
     if not OWN_SERVER.match(name):
-        keep = request.getfixturevalue("shared_server")
+        request.getfixturevalue("shared_server")
     else:
-        from helpers.server import hardware
+        from helpers.server import hardware, registry
 
-        if hardware.gpus() and not name.startswith("00_"):
-            pytest.skip("on a GPU the run's shared server holds the card that this notebook's own "
-                        "servers need; run it alone: pytest tests/browser -k " + name[:2])
+        ours = [r for r in registry.live(log=lambda _m: None) if r.owner_pid == os.getpid()]
+        if ours and hardware.gpus() and not name.startswith("00_"):
+            pytest.skip("on a GPU the run's shared server (already started) holds the card that this "
+                        "notebook's own servers need; run it alone: pytest tests/browser -k " + name[:2])
     saved = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     streams = any(k in c.source for c in saved.cells if c.cell_type == "code" for k in STREAM_CALLS)
     saved_images = sum("image/png" in o.get("data", {}) for c in saved.cells if c.cell_type == "code"
@@ -264,7 +282,7 @@ def test_notebook_runs_in_jupyterlab(name, lab, page, artifacts, request):
     if name.startswith("05_") and images < max(1, saved_images):
         problems.append(f"{images} plot image(s) shown; the saved notebook has {saved_images}")
     # the kernel is gone, and with it any server it started; the shared one stays
-    left = wait_for(lambda: not other_servers(keep), 60, interval=0.5) or other_servers(keep)
+    left = wait_for(lambda: not kernels_servers(), 60, interval=0.5) or kernels_servers()
     if left is not True:
         problems.append(f"servers left after the kernel shut down: {left}")
     REPORT.append(f"{name}: {took:.0f} s, {len(snapshot['cells'])} code cells, {len(samples)} stream "
