@@ -1,7 +1,8 @@
 """The walkthrough as a learner sees it: every notebook run in JupyterLab, in headless Chromium.
 
 For each notebook in ``notebooks/`` (a copy, in a scratch folder): open it, Run All Cells, wait
-for the kernel to finish, and check what the page shows:
+until every cell's execution has its reply (bounded: ``TUTORIAL_BROWSER_TIMEOUT``, 1500 s), and
+check what the page shows:
 
 * every code cell ran (a number in its prompt), and no cell shows an error, except cells tagged
   ``raises-exception``, which show exactly one, naming the error saved in the notebook;
@@ -15,7 +16,8 @@ A full screenshot of each notebook's end state goes to ``$TUTORIAL_ARTIFACTS/bro
 ``.ci/artifacts/browser``). A separate scratch notebook checks the Stop button: clicked in the
 page while the cell streams 1,500 tokens, the cell ends within seconds and the server runs no
 request. Notebooks 02-04 and the Stop check use the run's shared server (``conftest.py``); 01
-and 05 start their own, as their lessons do.
+and 05 start their own, as their lessons do. In a whole run these tests come last
+(``tests/browser/conftest.py``).
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it) and ``playwright`` (requirements); skipped,
 with the reason, where either is missing. Playwright drives that Chromium directly
@@ -269,8 +271,10 @@ def test_notebook_runs_in_jupyterlab(name, lab, page, artifacts, request):
         snapshot, samples = watch(page, RUN_TIMEOUT)
     finally:
         shot = artifacts / f"{Path(name).stem}.png"
-        save_full_screenshot(page, shot)
-        shut_down_kernel(page)
+        try:
+            save_full_screenshot(page, shot)
+        finally:
+            shut_down_kernel(page)
     took = time.monotonic() - started
 
     problems = check_cells(snapshot, saved)
