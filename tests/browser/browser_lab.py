@@ -48,8 +48,8 @@ LAB_SETTINGS = {
 
 
 def chromium_executable() -> str | None:
-    """``$TUTORIAL_CHROMIUM``, else Debian's ``chromium`` (``chromium-browser`` elsewhere)."""
-    named = os.environ.get("TUTORIAL_CHROMIUM")
+    """``$TESTS_CHROMIUM``, else Debian's ``chromium`` (``chromium-browser`` elsewhere)."""
+    named = os.environ.get("TESTS_CHROMIUM")
     if named:
         return named if os.access(named, os.X_OK) else None
     return shutil.which("chromium") or shutil.which("chromium-browser")

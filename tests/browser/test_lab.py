@@ -1,7 +1,7 @@
 """The walkthrough as a learner sees it: every notebook run in JupyterLab, in headless Chromium.
 
 For each notebook in ``notebooks/`` (a copy, in a scratch folder): open it, Run All Cells, wait
-until every cell's execution has its reply (bounded: ``TUTORIAL_BROWSER_TIMEOUT``, 1500 s), and
+until every cell's execution has its reply (bounded: ``TESTS_BROWSER_TIMEOUT``, 1500 s), and
 check what the page shows:
 
 * every code cell ran (a number in its prompt), and no cell shows an error, except cells tagged
@@ -12,7 +12,7 @@ check what the page shows:
   number, so the notebooks' text may change) was seen growing while its cell ran, and ends with
   a statistics line, its answer left in the cell as plain output.
 
-A full screenshot of each notebook's end state goes to ``$TUTORIAL_ARTIFACTS/browser`` (default
+A full screenshot of each notebook's end state goes to ``$TESTS_ARTIFACTS/browser`` (default
 ``.ci/artifacts/browser``). A separate scratch notebook checks the Stop button: clicked in the
 page while the cell streams 1,500 tokens, the cell ends within seconds and the server runs no
 request. Notebooks 02-04 and the Stop check use the run's shared server (``conftest.py``); 01
@@ -45,7 +45,7 @@ OWN_SERVER = re.compile(r"^0[015]_")               # as in conftest.py: these ne
 # is not started, so a run of this file alone has one vLLM server at a time.
 NOTEBOOKS = sorted((p.name for p in (ROOT / "notebooks").glob("*.ipynb")),
                    key=lambda name: (not OWN_SERVER.match(name), name))
-RUN_TIMEOUT = float(os.environ.get("TUTORIAL_BROWSER_TIMEOUT", "1500"))   # one notebook, Run All
+RUN_TIMEOUT = float(os.environ.get("TESTS_BROWSER_TIMEOUT", "1500"))   # one notebook, Run All
 POLL = 0.25
 STATS = re.compile(r"(finished: \S+|stopped by you) · .*\d+ tokens \(\w+\) in [\d.]+ s")
 STREAM_CALLS = ("show_stream", "StreamView", "show_streams", "StreamGrid")
@@ -56,7 +56,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.vllm]
 def _missing() -> str | None:
     if chromium_executable() is None:
         return ("no Chromium: `apt-get install chromium` (.ci/run does, as root) or point "
-                "TUTORIAL_CHROMIUM at one")
+                "TESTS_CHROMIUM at one")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -65,8 +65,8 @@ def _missing() -> str | None:
 
 
 if _missing():
-    if os.environ.get("TUTORIAL_REQUIRE_BROWSER") == "1":   # .ci/run: it installed the browser
-        pytest.fail(f"browser tests required (TUTORIAL_REQUIRE_BROWSER=1), but: {_missing()}", pytrace=False)
+    if os.environ.get("TESTS_REQUIRE_BROWSER") == "1":   # .ci/run: it installed the browser
+        pytest.fail(f"browser tests required (TESTS_REQUIRE_BROWSER=1), but: {_missing()}", pytrace=False)
     pytest.skip(f"browser tests skipped: {_missing()}", allow_module_level=True)
 
 from playwright import sync_api  # noqa: E402
@@ -91,7 +91,7 @@ def norm(text: str) -> str:
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def artifacts(pytestconfig):
-    base = os.environ.get("TUTORIAL_ARTIFACTS")
+    base = os.environ.get("TESTS_ARTIFACTS")
     folder = (Path(base) if base else ROOT / ".ci" / "artifacts") / "browser"
     folder.mkdir(parents=True, exist_ok=True)
     yield folder
