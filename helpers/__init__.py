@@ -17,6 +17,9 @@ The package, by concern:
 * ``logs/``: what a server says (``presets``, ``metrics``);
 * ``lessons/``: code that exists for one lesson's demonstration (``stream_loss``,
   ``log_experiment``);
+* ``classroom/``: a class on one server (``keys``: students' keys; ``gateway``: the keyed front
+  door; ``policy``: what a request may ask; ``service``: the gateway as a process);
+* ``loadtest``: simulated users against a server, every failure named (notebooks 06 and 07);
 * ``__main__``: ``python -m helpers start|status|stop`` (``./tutorial.sh serve|status|stop``).
 """
 

@@ -11,7 +11,8 @@ Errors about a value the learner gave (a setting, a preset name, a GPU too old) 
   ``ServerDiedError``, ``ApiKeyError``, ``NotOwnerError``; a server elsewhere:
   ``ServerUnreachableError``, ``ModelNotServedError``;
 * streams: ``StreamError`` (``StreamHTTPError``, ``StreamErrorEvent``,
-  ``StreamInterruptedError``), ``IncompleteEventError``.
+  ``StreamInterruptedError``), ``IncompleteEventError``;
+* a class and its load: ``KeysError``, ``GatewayError``, ``LoadTestError``.
 """
 
 from __future__ import annotations
@@ -121,3 +122,15 @@ class StreamInterruptedError(StreamError):
 
 class IncompleteEventError(TutorialError):
     """The byte stream ended inside a Server-Sent Event (no blank line after its last field)."""
+
+
+class KeysError(TutorialError):
+    """The students' keys file cannot be read or changed as asked (the message says why and what to do)."""
+
+
+class GatewayError(TutorialError):
+    """The class gateway could not start, or was asked to do something unsafe (the message says which)."""
+
+
+class LoadTestError(TutorialError, ValueError):
+    """A load that cannot be run as asked (no users, a limit that is not positive ...)."""

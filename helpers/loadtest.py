@@ -53,8 +53,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from .endpoint import Endpoint, as_endpoint
-from .errors import (IncompleteEventError, StreamErrorEvent, StreamHTTPError, StreamInterruptedError,
-                     TutorialError)
+from .errors import (IncompleteEventError, LoadTestError, StreamErrorEvent, StreamHTTPError,
+                     StreamInterruptedError)
 from .stream.chat import DONE, Content, Finish, Usage, error_in, pieces_from_chunk
 from .stream.sse import SSEDecoder
 from .stream.stats import StreamStats
@@ -85,10 +85,6 @@ MAX_USERS = 4096
 MAX_TURNS = 100
 CLOSE_GRACE_S = 10.0       # after the limit, time for cancelled streams to close
 LAG_TICK_S = 0.01
-
-
-class LoadTestError(TutorialError, ValueError):
-    """A load that cannot be run as asked (no users, a limit that is not positive ...)."""
 
 
 # --------------------------------------------------------------------------- numbers

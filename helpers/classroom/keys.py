@@ -41,17 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from ..errors import TutorialError
+from ..errors import KeysError
 from ..paths import cache_dir, variable
 
 FORMAT = "vllm-tutorial-classroom-keys/1"
 KEY_PREFIX = "sk-"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEYS_VARIABLE = "TUTORIAL_GATEWAY_KEYS"          # where the gateway (and this module) find the file
-
-
-class KeysError(TutorialError):
-    """The keys file cannot be read or changed as asked (the message says why and what to do)."""
 
 
 def hash_key(key: str) -> str:

@@ -35,17 +35,13 @@ from pathlib import Path
 import requests
 
 from ..endpoint import Endpoint, http_url
-from ..errors import TutorialError
+from ..errors import GatewayError
 from ..paths import REPO_ROOT, server_environment, short_path, state_dir
 from ..server import guard
 from ..server.lifecycle import LOOPBACK, free_port, port_in_use
 from . import keys as keyfile
 from .gateway import INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
 from .policy import Limits
-
-class GatewayError(TutorialError):
-    """The gateway could not start, or was asked to do something unsafe (the message says which)."""
-
 
 @dataclass(frozen=True)
 class GatewayRecord:
