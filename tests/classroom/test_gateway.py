@@ -24,14 +24,6 @@ from support import wait_for
 
 
 @pytest.fixture
-def fake():
-    upstream = FakeVLLM()
-    with ThreadServer(upstream.app()) as server:
-        upstream.url = server.url
-        yield upstream
-
-
-@pytest.fixture
 def class_keys(tmp_path):
     return make_keys(tmp_path, "ana", "bo", "dee", revoked=("cy",))
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from classroom_support import INTERNAL_KEY, FakeVLLM, ThreadServer, bearer, make_keys
+from classroom_support import INTERNAL_KEY, bearer, make_keys
 from helpers.classroom.gateway import INTERNAL_KEY_FILE_VARIABLE, INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
 from helpers.classroom.service import GatewayError, start_gateway
 from support import kill_group, wait_for
@@ -55,14 +55,6 @@ class Gateway:
         if self.proc.poll() is None:
             kill_group(self.proc.pid)
         self.proc.wait(10)
-
-
-@pytest.fixture
-def fake():
-    upstream = FakeVLLM()
-    with ThreadServer(upstream.app()) as server:
-        upstream.url = server.url
-        yield upstream
 
 
 def test_keys_stay_off_the_command_line_and_sigterm_ends_streams_with_an_error_event(fake, tmp_path):
