@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 MARKER_VARIABLE = "TUTORIAL_SERVER_ID"
 GRACE = 2.0          # seconds the API server gets to end its engine; then the same for the rest
 FAST_GRACE = 3.0     # seconds between SIGTERM and SIGKILL when the owner is gone
-KILL_WAIT = 5.0      # seconds to wait for SIGKILLed processes to disappear
+KILL_WAIT = 20.0     # seconds to wait for SIGKILLed processes to disappear (5 s was too short on a loaded 2-core machine)
 
 
 # --------------------------------------------------------------------------- /proc, read once

@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -362,7 +363,15 @@ class VLLMServer:
             killed = group.stop(guard.GRACE, poll=self._reap)    # what the guard left, if anything
             if group.members():
                 raise TutorialError(f"processes {group.members()} of group {group.pgid} survived SIGKILL")
-        self._reap()
+        if self._guard is not None:
+            # An exiting guard leaves the group's member list before it can be reaped: wait for it,
+            # so that ``alive`` is False when stop() returns (a restart() right after it found the
+            # guard still running on a loaded machine).
+            try:
+                self._guard.wait(guard.KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                raise TutorialError(f"the guard (pid {self._guard.pid}) of group {group.pgid if group else '?'} "
+                                    f"did not exit within {guard.KILL_WAIT:.0f} s after its group ended") from None
         self._forget()
         return StopReport(pids, tuple(killed), time.monotonic() - started)
 

@@ -74,6 +74,11 @@ class StreamView:
         children = [self.title] if title else []
         self.widget = widgets.VBox(children + [self.body, widgets.HBox([self.stop_button, self.status])],
                                    layout=widgets.Layout(border="1px solid #ccc", padding="6px"))
+        # Stable names for the page (a stylesheet, tests/browser): the structure may change, these do not.
+        self.widget.add_class("tutorial-stream-view")
+        self.body.add_class("tutorial-stream-body")
+        self.status.add_class("tutorial-stream-status")
+        self.stop_button.add_class("tutorial-stream-stop")
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -157,6 +162,7 @@ class StreamGrid:
         grid = widgets.GridBox([v.widget for v in self.views],
                                layout=widgets.Layout(grid_template_columns=f"repeat({columns}, 1fr)"))
         self.widget = widgets.VBox([grid, widgets.HBox([self.stop_button, self.summary])])
+        self.widget.add_class("tutorial-stream-grid")
         self.started: float | None = None
         self.ended: float | None = None
 

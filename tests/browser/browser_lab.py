@@ -162,7 +162,8 @@ class JupyterLab:
 # ipywidgets VBox whose last child is an HBox holding a Button (Stop) and an HTML (the status
 # line), and whose child before it is the body: an Output (Markdown answers) or an HTML (plain
 # text). The grid of ``show_streams`` is a VBox too, but its body is a GridBox (of such views).
-# Should the widget carry a CSS class (``tutorial-stream-view``), it is used instead.
+# The view carries the CSS class ``tutorial-stream-view`` (helpers/stream/widget.py): where it is
+# present only marked boxes are looked at; the structure is checked either way.
 STREAM_VIEWS = r"""
 function streamViews(root) {
   const found = [];
