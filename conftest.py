@@ -27,9 +27,11 @@ import pytest
 os.environ.setdefault("TUTORIAL_STATE_DIR", tempfile.mkdtemp(prefix="vllm-tutorial-tests-"))
 os.environ["PYTHONUNBUFFERED"] = "1"
 
-# Notebooks that need no shared server: 00 checks the machine, 01 and 05 launch their own.
-OWN_SERVER = re.compile(r"^0[015]_")
-NO_SERVER = re.compile(r"^00_")
+# What a notebook needs. Servers of its own: lessons 01, 05, 07, and 06 where two GPUs are, and
+# the solutions of 01 (on a GPU the shared server is stopped before them). No server at all:
+# lesson 00 and the solutions of 00 and 06. Every other notebook uses the run's shared server.
+OWN_SERVER = re.compile(r"^0[1567]_\w+(?<!_solutions)\.ipynb$|^01_\w+_solutions\.ipynb$")
+NO_SERVER = re.compile(r"^00_|^06_\w+_solutions\.ipynb$")
 
 _shared: dict = {}
 
@@ -69,6 +71,8 @@ def _class_student() -> bool:
 def pytest_runtest_setup(item):
     path = getattr(item, "path", None)
     if path is None or path.suffix != ".ipynb" or _class_student():
+        return
+    if NO_SERVER.match(path.name):
         return
     if not OWN_SERVER.match(path.name):
         if "server" not in _shared:

@@ -121,11 +121,11 @@ class KeyWatcher:
             return None
         return (info.st_mtime_ns, info.st_ino, info.st_size, info.st_mode)
 
-    def check(self) -> bool:
-        """Re-read the file if it changed since last time (at most once per interval); True when
-        the table was reloaded (or became unusable)."""
-        now = time.monotonic()
-        if now - self._looked < self.interval:
+    def check(self, now: bool = False) -> bool:
+        """Re-read the file if it changed since last time (at most once per interval, unless
+        ``now``); True when the table was reloaded (or became unusable)."""
+        now, at_once = time.monotonic(), now
+        if not at_once and now - self._looked < self.interval:
             return False
         self._looked = now
         signature = self._sign()
@@ -233,9 +233,10 @@ class Gateway:
             except Exception as err:          # never let the watcher die: revocation depends on it
                 self.log(f"keys: error while checking {self.keys.path}: {err!r}")
 
-    def reload_keys(self) -> None:
-        """Look at the keys file (at most once per interval); end the streams of keys no longer valid."""
-        if not self.keys.check():
+    def reload_keys(self, now: bool = False) -> None:
+        """Look at the keys file (at most once per interval, unless ``now``); end the streams of
+        keys no longer valid."""
+        if not self.keys.check(now):
             return
         table = self.keys.table
         if table is None:
@@ -253,22 +254,24 @@ class Gateway:
     # ------------------------------------------------------------ checks
     def authenticate(self, request: Request) -> tuple[str, str]:
         """(student, sha256 of their key), or ``Refused`` (401; 503 while the keys file is unusable)."""
-        self.reload_keys()
-        table = self.keys.table
-        if table is None:
-            raise Refused(503, "the class server cannot read its keys file, so it refuses every request "
-                               "until the teacher fixes it", type="server_error", code="keys_unavailable")
         header = request.headers.get("authorization")
         if not header:
+            self._usable_table()
             raise Refused(401, "no API key: send the header 'Authorization: Bearer <your key>' (set "
                                "TUTORIAL_API_KEY to the key your teacher gave you)",
                           type="authentication_error", code="missing_api_key")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
+            self._usable_table()
             raise Refused(401, "the Authorization header must be 'Bearer <your key>'",
                           type="authentication_error", code="invalid_api_key")
         key_hash = keyfile.hash_key(token)
+        table = self._usable_table()
+        if key_hash not in table.active and key_hash not in table.revoked:
+            # A key made a moment ago works at once: look at the file now (one stat; re-read only
+            # if it changed) rather than at the next interval.
+            table = self._usable_table(now=True)
         student = table.active.get(key_hash)
         if student is not None:
             return student, key_hash
@@ -276,6 +279,13 @@ class Gateway:
             raise _revoked(table.revoked[key_hash])
         raise Refused(401, "this API key is not valid here (mistyped, or not one of this class's keys)",
                       type="authentication_error", code="invalid_api_key")
+
+    def _usable_table(self, now: bool = False) -> keyfile.KeyTable:
+        self.reload_keys(now)
+        if self.keys.table is None:
+            raise Refused(503, "the class server cannot read its keys file, so it refuses every request "
+                               "until the teacher fixes it", type="server_error", code="keys_unavailable")
+        return self.keys.table
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes

@@ -255,11 +255,14 @@ def test_every_choice_has_a_reason(big_model_dir):
     assert "--served-model-name Qwen2-7B-Instruct" in explained
 
 
-def test_non_loopback_host_is_warned_about(model_dir):
+def test_a_network_host_is_explained_as_refused_at_start(model_dir):
+    # vLLM on a network address would serve routes its key does not guard (notebook 07):
+    # VLLMServer refuses it (UnsafeHostError, tests/server/test_lifecycle.py); the config says so.
     cfg = from_settings(Settings(model=str(model_dir), host="0.0.0.0"), machine(), log=quiet)
-    assert "WARNING" in dict(cfg.reasons)["--host 0.0.0.0"]
+    why = dict(cfg.reasons)["--host 0.0.0.0"]
+    assert "refused at start" in why and "./tutorial.sh serve" in why
     cfg = from_settings(Settings(model=str(model_dir)), machine(), log=quiet)
-    assert "WARNING" not in dict(cfg.reasons)["--host 127.0.0.1"]
+    assert "refused" not in dict(cfg.reasons)["--host 127.0.0.1"]
 
 
 # --- log presets --------------------------------------------------------------------------------
