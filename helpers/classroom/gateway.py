@@ -20,7 +20,8 @@ along (no other header of the student's). Answers stream back byte for byte as t
 with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compresses them.
 
 * **Keys** come from the keys file (``keys``: student -> sha256 of their key), re-read when it
-  changes (looked at no more than once a second). A revoked key's next request gets 401, and
+  changes (looked at once a second, and at once when an unknown key arrives, so that a key made
+  a moment ago works on its first request; one ``stat`` each). A revoked key's next request gets 401, and
   its open streams end within about a second with an ``{"error": ...}`` event that says so
   (a request still waiting for its answer gets the 401 itself). A keys file that turns
   unreadable refuses every new request (503) until it is fixed: never fail open.
