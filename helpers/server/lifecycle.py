@@ -201,12 +201,7 @@ class VLLMServer:
     # ---------------------------------------------------------------- start
     def _preflight(self) -> None:
         """The cheap checks, before anything starts: the address, the model folder, the port."""
-        if self.config.host not in LOOPBACK:
-            raise UnsafeHostError(
-                f"a vLLM server on {self.config.host} could be reached from other machines, and vLLM's own "
-                f"API key guards only its /v1 routes (/invocations, /tokenize, /metrics ... answer anyone). "
-                f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
-                f"behind a gateway that checks every student's key (notebook 07).")
+        _refuse_network_host(self.config.host)
         if looks_like_path(self.config.model):
             check_model_folder(Path(self.config.model).expanduser())
         if self.config.port is None:
@@ -404,6 +399,15 @@ class VLLMServer:
             self.stop()
 
 
+def _refuse_network_host(host: str) -> None:
+    if host not in LOOPBACK:
+        raise UnsafeHostError(
+            f"a vLLM server on {host} could be reached from other machines, and vLLM's own "
+            f"API key guards only its /v1 routes (/invocations, /tokenize, /metrics ... answer anyone). "
+            f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
+            f"behind a gateway that checks every student's key (notebook 07).")
+
+
 def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:
     """A running server that serves the same model under the same name (and port, if asked)."""
     for record in registry.live(log=progress):
@@ -438,6 +442,7 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
         from .remote import RemoteServer
         return RemoteServer.connect(settings, progress)
     config = from_settings(settings, log=progress)
+    _refuse_network_host(config.host)       # before reuse too: a running server is on loopback
     with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
         server = _running(config, settings, progress)
         launched = server is None

@@ -147,10 +147,11 @@ def cli(action: str, env: dict, **kw) -> subprocess.Popen:
 
 @pytest.mark.vllm
 def test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line(
-        gpu_memory_returns, monkeypatch):
+        gpu_memory_returns, monkeypatch, tmp_path):
     # Two `./tutorial.sh serve` (or two notebooks' get_server()) at the same moment: one server.
-    # A served name of its own: the run's shared server (same model) must not be the one reused.
-    monkeypatch.setenv("TUTORIAL_SERVED_MODEL_NAME", "class-server-test")
+    # A registry of its own: `stop` ends every server it lists, and the run's shared server (the
+    # same settings) must neither be the one reused nor be stopped here.
+    monkeypatch.setenv("TUTORIAL_STATE_DIR", str(tmp_path / "servers"))
     env = {**os.environ, "TUTORIAL_API_KEY": KEY,
            "VLLM_TUTORIAL_LOG_PRESET": "default"}     # an old-style name: must not reach vLLM
     before = records_now()
