@@ -2,9 +2,9 @@
 
 They use the run's shared server (``conftest.py`` at the root starts it on first need), and once
 it runs it stays up until the session ends. Collected first (``tests/browser`` sorts before
-``tests/server``), they would start it before tests that expect no tutorial server of the same
-settings to be running (``tests/server/test_lifecycle.py``'s class server, which would reuse it).
-Last, they also show the walkthrough in a browser once everything under it has passed.
+``tests/server``), they would start it before the server tests, which are cheaper to read when
+they run on a quiet machine; last, they show the walkthrough in a browser once everything under it
+(the helpers, then each notebook under nbval) has passed.
 """
 
 from __future__ import annotations
