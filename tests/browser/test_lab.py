@@ -235,8 +235,12 @@ def check_stream_views(snapshot: dict, samples: dict) -> tuple[list[str], list[s
         final = seen[-1]
         lines.append(f"{where}: {len(live)} samples while streaming, text {lengths[:1]}..{lengths[-1:]} chars; "
                      f"ended: {final['status']!r}")
-        if len(set(lengths)) < 2 or max(lengths) <= lengths[0]:
-            problems.append(f"{where}: text not seen growing while the cell ran (lengths {lengths})")
+        # Growing: some sample longer than the one before it. Not "every sample", nor "longer than
+        # the first": a Markdown body is re-rendered at each redraw, and a sample can catch the page
+        # between two renderings (seen once in CI: lengths [11, 2, 6] in a stream of 14 tokens).
+        if not any(b > a for a, b in zip(lengths, lengths[1:])):
+            problems.append(f"{where}: text not seen growing while the cell ran (lengths {lengths}; "
+                            f"first {norm(live[0])[:40] if live else ''!r})")
         if not STATS.search(final["status"]):
             problems.append(f"{where}: no statistics line at the end: {final['status']!r}")
         answer = norm(final["body"])
@@ -244,8 +248,9 @@ def check_stream_views(snapshot: dict, samples: dict) -> tuple[list[str], list[s
             problems.append(f"{where}: no answer at the end")
         elif cell is None or answer not in norm(cell["plain"]):
             problems.append(f"{where}: the answer is not left as plain output in the cell")
-        if live and not norm(live[0])[:15] in answer:
-            problems.append(f"{where}: the final answer does not start as the live text did")
+        if live and not norm(live[-1])[:15] in answer:      # the last live text, closest to the end
+            problems.append(f"{where}: the final answer does not start as the live text did: "
+                            f"live {norm(live[-1])[:40]!r}, final {answer[:40]!r}")
     return problems, lines
 
 
