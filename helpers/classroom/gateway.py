@@ -122,10 +122,10 @@ class KeyWatcher:
             return None
         return (info.st_mtime_ns, info.st_ino, info.st_size, info.st_mode)
 
-    def check(self, now: bool = False) -> bool:
+    def check(self, at_once: bool = False) -> bool:
         """Re-read the file if it changed since last time (at most once per interval, unless
-        ``now``); True when the table was reloaded (or became unusable)."""
-        now, at_once = time.monotonic(), now
+        ``at_once``); True when the table was reloaded (or became unusable)."""
+        now = time.monotonic()
         if not at_once and now - self._looked < self.interval:
             return False
         self._looked = now
@@ -234,10 +234,10 @@ class Gateway:
             except Exception as err:          # never let the watcher die: revocation depends on it
                 self.log(f"keys: error while checking {self.keys.path}: {err!r}")
 
-    def reload_keys(self, now: bool = False) -> None:
-        """Look at the keys file (at most once per interval, unless ``now``); end the streams of
+    def reload_keys(self, at_once: bool = False) -> None:
+        """Look at the keys file (at most once per interval, unless ``at_once``); end the streams of
         keys no longer valid."""
-        if not self.keys.check(now):
+        if not self.keys.check(at_once):
             return
         table = self.keys.table
         if table is None:
@@ -272,7 +272,7 @@ class Gateway:
         if key_hash not in table.active and key_hash not in table.revoked:
             # A key made a moment ago works at once: look at the file now (one stat; re-read only
             # if it changed) rather than at the next interval.
-            table = self._usable_table(now=True)
+            table = self._usable_table(at_once=True)
         student = table.active.get(key_hash)
         if student is not None:
             return student, key_hash
@@ -281,8 +281,8 @@ class Gateway:
         raise Refused(401, "this API key is not valid here (mistyped, or not one of this class's keys)",
                       type="authentication_error", code="invalid_api_key")
 
-    def _usable_table(self, now: bool = False) -> keyfile.KeyTable:
-        self.reload_keys(now)
+    def _usable_table(self, at_once: bool = False) -> keyfile.KeyTable:
+        self.reload_keys(at_once)
         if self.keys.table is None:
             raise Refused(503, "the class server cannot read its keys file, so it refuses every request "
                                "until the teacher fixes it", type="server_error", code="keys_unavailable")
