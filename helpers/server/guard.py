@@ -116,6 +116,12 @@ def carries_marker(pid: int, marker: str) -> bool | None:
     return f"{MARKER_VARIABLE}={marker}".encode() in environ.split(b"\0")
 
 
+def _still_runs(info: ProcInfo) -> bool:
+    """The process ``info`` names (pid and start time) has not ended (a zombie has)."""
+    now = proc_info(info.pid)
+    return now is not None and now.running and now.start_time == info.start_time
+
+
 def send(pids: list[int], sig: int) -> None:
     """Signal each pid; one that is already gone (or not ours to signal) is skipped."""
     for pid in pids:
@@ -162,10 +168,13 @@ class ProcessGroup:
         return ((info.pid, info.start_time) in self.known
                 or (self.marker is not None and carries_marker(info.pid, self.marker) is True))
 
+    def _member_info(self, exclude: int | None = None) -> list[ProcInfo]:
+        leader_alive = self.leader_alive()
+        return [p for p in self._in_group(exclude) if self._proven(p, leader_alive)]
+
     def members(self, exclude: int | None = None) -> list[int]:
         """Live processes of the group that are this server's (zombies left out)."""
-        leader_alive = self.leader_alive()
-        return [p.pid for p in self._in_group(exclude) if self._proven(p, leader_alive)]
+        return [p.pid for p in self._member_info(exclude)]
 
     def strangers(self) -> list[int]:
         """Live processes that have this group id but are not proven to be the server's: they
@@ -183,13 +192,18 @@ class ProcessGroup:
         return bool(self.members())
 
     def wait_empty(self, timeout: float, exclude: int | None = None, poll: Callable[[], object] | None = None,
-                   interval: float = 0.05) -> bool:
-        """Wait until no member is left; ``poll`` is called each round (to reap a child)."""
+                   interval: float = 0.05, signalled: list[ProcInfo] = ()) -> bool:
+        """Wait until no member is left and each process in ``signalled`` has ended; ``poll`` is
+        called each round (to reap a child). A process being killed loses its environment, and
+        with it the marker that proved it a member, a moment before it ends (seen on a loaded
+        2-core machine): the processes just signalled are waited for by pid and start time."""
         deadline = time.monotonic() + timeout
+        pending = list(signalled)
         while True:
             if poll is not None:
                 poll()
-            if not self.members(exclude):
+            pending = [p for p in pending if _still_runs(p)]
+            if not pending and not self.members(exclude):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -207,23 +221,24 @@ class ProcessGroup:
                 if poll is not None:
                     poll()
                 time.sleep(0.05)
-        send(self.members(exclude), signal.SIGTERM)
-        self.wait_empty(grace, exclude, poll)
-        stubborn = self.members(exclude)
+        terminated = self._member_info(exclude)
+        send([p.pid for p in terminated], signal.SIGTERM)
+        self.wait_empty(grace, exclude, poll, signalled=terminated)
+        stubborn = self._member_info(exclude)
         if stubborn:
             if log:
-                log(f"still running after SIGTERM: {stubborn}; sending SIGKILL")
-            send(stubborn, signal.SIGKILL)
-            self.wait_empty(KILL_WAIT, exclude, poll)
-        return stubborn
+                log(f"still running after SIGTERM: {[p.pid for p in stubborn]}; sending SIGKILL")
+            send([p.pid for p in stubborn], signal.SIGKILL)
+            self.wait_empty(KILL_WAIT, exclude, poll, signalled=stubborn)
+        return [p.pid for p in stubborn]
 
     def kill(self, exclude: int | None = None) -> list[int]:
         """SIGKILL every member at once (an orphaned server: nobody is there to shut down in
         order). Returns the pids signalled."""
-        pids = self.members(exclude)
-        send(pids, signal.SIGKILL)
-        self.wait_empty(KILL_WAIT, exclude)
-        return pids
+        killed = self._member_info(exclude)
+        send([p.pid for p in killed], signal.SIGKILL)
+        self.wait_empty(KILL_WAIT, exclude, signalled=killed)
+        return [p.pid for p in killed]
 
 
 def spawn(command: list[str], *, marker: str, env: dict[str, str], log_file, owner: bool = True,

@@ -320,6 +320,44 @@ def test_once_the_leader_is_gone_members_are_proven_by_marker_or_by_record(tmp_p
         kill_group(leader.pid)
 
 
+def test_a_signalled_process_is_waited_for_until_it_ends_even_once_its_marker_is_gone(tmp_path):
+    # A process being killed loses its environment, so the marker that made it a member, a
+    # moment before it ends: on a loaded 2-core machine kill() returned while one still ran.
+    # Here a member replaces itself (same pid, same start time) with a copy whose environment
+    # lacks the marker, and keeps running: waiting must go on until that process ends.
+    script = tmp_path / "shed.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        if os.environ.get({MARKER_VARIABLE!r}) == "m":
+            {announce(tmp_path / "marked.pid")}
+            while not os.path.exists({str(tmp_path / "go")!r}):
+                time.sleep(0.02)
+            env = {{k: v for k, v in os.environ.items() if k != {MARKER_VARIABLE!r}}}
+            os.execve(sys.executable, [sys.executable, {str(script)!r}], env)
+        {announce(tmp_path / "shed.pid")}
+        time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], start_new_session=True,
+                            env={**os.environ, MARKER_VARIABLE: "m"})
+    try:
+        read_pid(tmp_path / "marked.pid")
+        info = proc_info(proc.pid)
+        # a record whose guard is gone (another start time): only the marker proves membership
+        group = ProcessGroup(proc.pid, info.start_time - 1, "m", uid=os.getuid())
+        assert group.members() == [proc.pid]
+        (tmp_path / "go").touch()
+        read_pid(tmp_path / "shed.pid")
+        assert group.members() == [] and alive(proc.pid)
+        assert group.wait_empty(0.5) is True                       # by membership alone: "empty"
+        assert group.wait_empty(0.5, signalled=[info]) is False    # the signalled process still runs
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert group.wait_empty(5, signalled=[info]) is True
+    finally:
+        kill_group(proc.pid)
+        proc.wait(timeout=10)
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to start a process as another user")
 def test_another_users_process_in_the_group_is_not_a_member(tmp_path):
     # Even carrying the marker: only the user who wrote the record owns the server.
