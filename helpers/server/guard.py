@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 MARKER_VARIABLE = "TUTORIAL_SERVER_ID"
 GRACE = 2.0          # seconds the API server gets to end its engine; then the same for the rest
@@ -184,15 +184,14 @@ class ProcessGroup:
 
     def snapshot(self) -> frozenset[tuple[int, int]]:
         """(pid, start time) of every member now: what a record keeps as ``known``."""
-        leader_alive = self.leader_alive()
-        return frozenset((p.pid, p.start_time) for p in self._in_group() if self._proven(p, leader_alive))
+        return frozenset((p.pid, p.start_time) for p in self._member_info())
 
     @property
     def alive(self) -> bool:
         return bool(self.members())
 
     def wait_empty(self, timeout: float, exclude: int | None = None, poll: Callable[[], object] | None = None,
-                   interval: float = 0.05, signalled: list[ProcInfo] = ()) -> bool:
+                   interval: float = 0.05, signalled: Iterable[ProcInfo] = ()) -> bool:
         """Wait until no member is left and each process in ``signalled`` has ended; ``poll`` is
         called each round (to reap a child). A process being killed loses its environment, and
         with it the marker that proved it a member, a moment before it ends (seen on a loaded
