@@ -593,7 +593,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _follow(pid: int, started: int | None, server: _Server, loop: asyncio.AbstractEventLoop) -> None:
     """End the gateway when process ``pid`` (the vLLM server's guard) ends."""
-    from ..server.guard import proc_info
+    from ..server.guard import runs
 
     def gone(why: str) -> None:
         print(f"gateway: {why}; stopping", flush=True)
@@ -604,8 +604,7 @@ def _follow(pid: int, started: int | None, server: _Server, loop: asyncio.Abstra
     except OSError:
         gone(f"the server process {pid} it serves is gone")
         return
-    info = proc_info(pid)
-    if info is None or not info.running or (started is not None and info.start_time != started):
+    if not runs(pid, started):
         os.close(fd)
         gone(f"the server process {pid} it serves is gone")
         return

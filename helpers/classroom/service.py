@@ -65,8 +65,7 @@ def _record_path(port: int) -> Path:
 
 
 def _alive(record: GatewayRecord) -> bool:
-    info = guard.proc_info(record.guard_pid)
-    return info is not None and info.running and info.start_time == record.guard_started
+    return guard.runs(record.guard_pid, record.guard_started)
 
 
 class GatewayProcess:

@@ -116,10 +116,11 @@ def carries_marker(pid: int, marker: str) -> bool | None:
     return f"{MARKER_VARIABLE}={marker}".encode() in environ.split(b"\0")
 
 
-def _still_runs(info: ProcInfo) -> bool:
-    """The process ``info`` names (pid and start time) has not ended (a zombie has)."""
-    now = proc_info(info.pid)
-    return now is not None and now.running and now.start_time == info.start_time
+def runs(pid: int, started: int | None = None) -> bool:
+    """Process ``pid`` runs (a zombie has ended) and, given ``started``, is the one that started
+    then: not another process that got its pid later."""
+    info = proc_info(pid)
+    return info is not None and info.running and (started is None or info.start_time == started)
 
 
 def send(pids: list[int], sig: int) -> None:
@@ -154,9 +155,7 @@ class ProcessGroup:
 
     def leader_alive(self) -> bool:
         """The recorded leader (the guard) still runs: the same pid, started at the same time."""
-        leader = proc_info(self.pgid)
-        return (leader is not None and leader.running
-                and (self.leader_started is None or leader.start_time == self.leader_started))
+        return runs(self.pgid, self.leader_started)
 
     def _proven(self, info: ProcInfo, leader_alive: bool) -> bool:
         if self.leader_started is None:
@@ -201,7 +200,7 @@ class ProcessGroup:
         while True:
             if poll is not None:
                 poll()
-            pending = [p for p in pending if _still_runs(p)]
+            pending = [p for p in pending if runs(p.pid, p.start_time)]
             if not pending and not self.members(exclude):
                 return True
             if time.monotonic() >= deadline:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from ..endpoint import http_url
 from ..paths import state_dir
-from .guard import ProcessGroup, command_of, proc_info
+from .guard import ProcessGroup, command_of, runs
 
 GUARD_MARK = "guard.py"
 LOCK_FILE = "start.lock"
@@ -127,8 +127,7 @@ def load_all(root: Path | None = None, log: Callable[[str], None] = print) -> li
 def guard_alive(record: ServerRecord) -> bool:
     """True while the recorded guard runs: the same pid, started at the same moment (so not a
     reused pid), running the guard, not a zombie."""
-    info = proc_info(record.guard_pid)
-    if info is None or not info.running or info.start_time != record.guard_started:
+    if not runs(record.guard_pid, record.guard_started):
         return False
     return any(part.endswith(GUARD_MARK) for part in command_of(record.guard_pid))
 
