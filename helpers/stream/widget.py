@@ -62,6 +62,7 @@ class StreamView:
         self.markdown = markdown
         self.interval = interval
         self.updates = 0                        # redraws sent to the front end
+        self.live_lengths: list[int] = []       # the text's length at each redraw before the end
         self.stream: ChatStream | None = None
         self._stop_requested = threading.Event()
         self.title = widgets.HTML(f"<b>{html.escape(title)}</b>" if title else "")
@@ -111,14 +112,23 @@ class StreamView:
                     now = time.monotonic()
                     if now - last >= self.interval:
                         self._draw(stream.text)
+                        self.live_lengths.append(len(stream.text))
                         last = now
         except KeyboardInterrupt:                    # the kernel's interrupt button: stop too
             stream.close()
         finally:
             self.stop_button.disabled = True
             self._draw(stream.text)
-            self.status.value = html.escape(self.outcome())
+            self.status.value = html.escape(self.outcome()) + self._record()
         return stream
+
+    def _record(self) -> str:
+        """The view's own account of how it grew, for the page to read (tests/browser): the
+        text's length at each live redraw and at the end. Invisible; it needs no page watching
+        at the right moment, whatever the model's speed."""
+        text = self.stream.text if self.stream is not None else ""
+        live = ",".join(map(str, self.live_lengths))
+        return f'<span class="tutorial-stream-record" data-live="{live}" data-final="{len(text)}" hidden></span>'
 
     def outcome(self) -> str:
         stream = self.stream

@@ -186,8 +186,26 @@ function streamViews(root) {
 }
 """
 
+# What a view says of itself (helpers/stream/widget.py, ``StreamView._record``): the text's
+# length at each live redraw and at the end, written into its status line when it ends. And what
+# the page itself showed while the view was live (its Stop button enabled): every state of its
+# body, recorded by a MutationObserver that ``RUN_ALL`` installs, so nothing depends on a poll
+# catching the page mid-stream.
+VIEW_RECORD = r"""
+function recordOf(v) {
+  const span = v.status.querySelector('.tutorial-stream-record');
+  if (!span) return null;
+  const live = span.dataset.live ? span.dataset.live.split(',').map(Number) : [];
+  return {live, final: Number(span.dataset.final)};
+}
+function seenLive(v) {
+  const seen = window.__tutorialSeen;
+  return (seen && v.box.dataset.probeId !== undefined && seen[v.box.dataset.probeId]) || [];
+}
+"""
+
 PROBE = r"""(markStop) => {
-""" + STREAM_VIEWS + r"""
+""" + STREAM_VIEWS + VIEW_RECORD + r"""
   const app = window.jupyterapp;
   const panel = app && app.shell.currentWidget;
   if (!panel || !panel.content || !panel.sessionContext) return null;
@@ -223,7 +241,8 @@ PROBE = r"""(markStop) => {
     const views = streamViews(node).map((v, i) => {
       if (markStop && i === 0) v.button.setAttribute('data-stop-probe', '1');
       return {title: v.title, body: text(v.content), status: text(v.status).trim(),
-              hidden: v.body.style.display === 'none', disabled: v.button.disabled};
+              hidden: v.body.style.display === 'none', disabled: v.button.disabled,
+              record: recordOf(v), seenLive: seenLive(v)};
     });
     cells.push({
       index, id: cell.model.id, tags: cell.model.getMetadata('tags') || [],
@@ -260,6 +279,22 @@ RUN_ALL = r"""() => {
   const app = window.jupyterapp;
   const kernel = app.shell.currentWidget.sessionContext.session.kernel;
   const run = window.__tutorialRun = {sent: 0, replied: 0, pending: new Set()};
+""" + STREAM_VIEWS + r"""
+  // Every live state of every stream view, as the page renders it: the body's text length
+  // whenever anything in the notebook changes while the view's Stop button is enabled.
+  const seen = window.__tutorialSeen = {};
+  let nextId = 0;
+  const notebook = app.shell.currentWidget.content.node;
+  new MutationObserver(() => {
+    for (const v of streamViews(notebook)) {
+      if (v.box.dataset.probeId === undefined) v.box.dataset.probeId = String(nextId++);
+      const length = v.content.textContent.trim().length;
+      if (v.button.disabled || !length || v.status.querySelector('.tutorial-stream-record')) continue;
+      const states = seen[v.box.dataset.probeId] = seen[v.box.dataset.probeId] || [];
+      if (states[states.length - 1] !== length) states.push(length);
+    }
+  }).observe(notebook, {childList: true, subtree: true, characterData: true, attributes: true,
+                        attributeFilter: ['disabled']});
   kernel.anyMessage.connect((_, args) => {
     const msg = args.msg;
     if (args.direction === 'send' && msg.header.msg_type === 'execute_request') {
