@@ -20,12 +20,26 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from pathlib import Path
 
 import pytest
 
 # Before anything imports helpers (they read these when called, kernels when they start).
 os.environ.setdefault("TUTORIAL_STATE_DIR", tempfile.mkdtemp(prefix="vllm-tutorial-tests-"))
 os.environ["PYTHONUNBUFFERED"] = "1"
+# Under pytest-xdist (./tutorial.sh test runs two workers) each worker is a run of its own: its
+# own registry (a worker's clean-up at its end must not end the other's servers), its own
+# shared server. The workers inherit the state folder chosen above; each takes a subfolder.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER and not os.environ.get("TESTS_WORKER_STATE"):
+    os.environ["TESTS_WORKER_STATE"] = "1"
+    os.environ["TUTORIAL_STATE_DIR"] = os.path.join(os.environ["TUTORIAL_STATE_DIR"], WORKER)
+    os.makedirs(os.environ["TUTORIAL_STATE_DIR"], exist_ok=True)
+    # vLLM's CPU engine binds its compute to cores ("auto": all but one, so core 0 of two):
+    # the two workers' servers would share core 0 and leave core 1 to the API servers. One core
+    # each instead; servers inherit the variable (VLLM_CPU_OMP_THREADS_BIND, vLLM 0.32's CPU build).
+    if (os.cpu_count() or 1) >= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(WORKER.removeprefix("gw")) % os.cpu_count())
 
 # What a notebook needs. Servers of its own: lessons 01, 05, 07, and 06 where two GPUs are, and
 # the solutions of 01 (on a GPU the shared server is stopped before them). No server at all:
@@ -34,6 +48,7 @@ OWN_SERVER = re.compile(r"^0[1567]_\w+(?<!_solutions)\.ipynb$|^01_\w+_solutions\
 NO_SERVER = re.compile(r"^00_|^06_\w+_solutions\.ipynb$")
 
 _shared: dict = {}
+ROOT = Path(__file__).resolve().parent
 
 
 def _start_shared_server():
@@ -50,6 +65,40 @@ def shared_server():
     if "server" not in _shared:
         _start_shared_server()
     return _shared["server"]
+
+
+# Under pytest-xdist (--dist loadgroup, which ./tutorial.sh test passes), what runs on one
+# worker, in order: each file (a notebook's cells share one kernel; a test file's module
+# fixtures are made once), except that a lesson that holds several servers goes with its
+# browser run, so that the two never run side by side (notebook 05 holds two CPU servers of its
+# own at a time, ~3 GB each, besides the worker's shared one). The grouping is by node id, in a
+# scheduler of our own: xdist 3.8's `xdist_group` marks group nothing under pytest 9.2 (its
+# worker appends the group to `item._nodeid`, which pytest 9 no longer reports; seen here).
+HEAVY = ("05", "07")
+BROWSER_PARAM = re.compile(r"test_lab\.py::test_notebook_runs_in_jupyterlab\[(\d\d)_")
+
+
+def xdist_group(nodeid: str) -> str:
+    browser = BROWSER_PARAM.search(nodeid)
+    if browser and browser.group(1) in HEAVY:
+        return f"lesson-{browser.group(1)}"
+    file = nodeid.split("::", 1)[0]
+    lesson = re.match(r"notebooks/(\d\d)_", file)
+    if lesson and lesson.group(1) in HEAVY:
+        return f"lesson-{lesson.group(1)}"
+    return file
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return ByGroup(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

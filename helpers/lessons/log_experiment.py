@@ -43,6 +43,7 @@ MAX_TOKENS = 48
 CONCURRENCY = 4
 # The demo's stats interval (vLLM's default is 10 s): a short load still shows several lines.
 STATS_INTERVAL = 1.0
+SIDE_BY_SIDE = 2          # CPU servers alive at once in run_presets
 UNSERVED_MODEL = "no-such-model"      # 404, and vLLM logs "ERROR ... Error with model"
 REMOVED_FIELD = {"guided_choice": ["yes", "no"]}   # 200, and vLLM logs a WARNING (once)
 
@@ -124,9 +125,9 @@ def run_presets(presets: list[str], *, settings: Settings | None = None,
                 sample_every: float = 0.5, gpus: tuple | None = None, progress=print) -> list[PresetRun]:
     """For each preset: a fresh server, the fixed load, the log lines it caused; then stop it.
 
-    Nothing is shared between presets. On the CPU the servers start side by side (each holds
-    about 3 GiB of RAM, and starting together saves minutes on two cores), then take the load
-    one after the other; on a GPU each needs the card, so they run one at a time, and a
+    Nothing is shared between presets. On the CPU the next server starts while one takes the
+    load, two alive at a time (each holds about 3 GiB of RAM); on a GPU each needs the card, so
+    they run one at a time, and a
     server already running is named before anything starts. For the presets in ``sample``,
     ``/metrics`` is scraped every ``sample_every`` seconds during the load (under a preset that
     keeps access lines, each scrape writes one).
@@ -144,11 +145,15 @@ def run_presets(presets: list[str], *, settings: Settings | None = None,
             "./tutorial.sh stop for a detached one.")
     servers = [VLLMServer(config) for config in configs]
     runs: list[PresetRun] = []
+    # On the CPU the next server starts while one is measured (two at most at a time: each CPU
+    # server holds ~3 GB, and a start is mostly Python importing vLLM on one core). On a GPU one
+    # at a time: each takes its share of the card's memory.
+    ahead = 0 if gpus else SIDE_BY_SIDE - 1
     try:
-        if not gpus:
-            for preset, server in zip(presets, servers):
-                server.launch(lambda message, p=preset: progress(f"[{p}] {message}"))
-        for preset, server in zip(presets, servers):
+        for i, (preset, server) in enumerate(zip(presets, servers)):
+            for later, (p, other) in enumerate(zip(presets, servers)):
+                if i <= later <= i + ahead and not other.alive and later >= len(runs):
+                    other.launch(lambda message, p=p: progress(f"[{p}] {message}"))
             say = lambda message, p=preset: progress(f"[{p}] {message}")  # noqa: E731
             server.wait_ready(progress=say) if server.alive else server.start(progress=say)
             runs.append(_measure(preset, server, stats_interval, sample_every if preset in sample else None))
