@@ -75,6 +75,9 @@ def shared_server():
 # scheduler of our own: xdist 3.8's `xdist_group` marks group nothing under pytest 9.2 (its
 # worker appends the group to `item._nodeid`, which pytest 9 no longer reports; seen here).
 HEAVY = ("05", "07")
+# The groups that take longest (measured: tests/README.md), started first.
+LONGEST_FIRST = ["lesson-05", "lesson-07", "tests/browser/test_lab.py", "tests/classroom/test_netns.py",
+                 "tests/server/test_lifecycle.py", "notebooks/01_launch_server.ipynb"]
 BROWSER_PARAM = re.compile(r"test_lab\.py::test_notebook_runs_in_jupyterlab\[(\d\d)_")
 
 
@@ -99,6 +102,24 @@ def pytest_xdist_make_scheduler(config, log):
             return xdist_group(nodeid)
 
     return ByGroup(config, log)
+
+
+class LongestFirst:
+    """On an xdist worker, the longest groups first in the collection (the order in which the
+    scheduler hands groups out), so that no worker is left with a long one at the end. Last of
+    the collection hooks: after the markers (and `-m`) and tests/browser/conftest.py's order."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items):
+        def rank(item) -> int:
+            group = xdist_group(item.nodeid)
+            return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+        items.sort(key=rank)                  # stable: a notebook's cells keep their order
+
+
+def pytest_configure(config):
+    if WORKER:
+        config.pluginmanager.register(LongestFirst(), "tutorial-longest-first")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,7 +42,7 @@ pip_install() {  # pip install, showing one line per package while it works; the
   log=$(mktemp)
   set +e
   if [ -n "$uv" ]; then
-    "$uv" pip install --python "$py" "${uv_links[@]}" "$@" 2>&1 | tee "$log" | grep --line-buffered -E "^ \+ |^Resolved|^Installed" | cut -c1-150
+    "$uv" pip install --python "$py" --compile-bytecode "${uv_links[@]}" "$@" 2>&1 | tee "$log" | grep --line-buffered -E "^ \+ |^Resolved|^Installed" | cut -c1-150
   else
     "$py" -m pip install "$@" 2>&1 | tee "$log" \
       | grep --line-buffered -E "^(Collecting|Installing collected|Successfully installed)" | cut -c1-150
@@ -59,6 +59,9 @@ pip_install() {  # pip install, showing one line per package while it works; the
 # pip; if uv cannot be installed, pip is used. uv does not read pip's configuration: the
 # find-links folders pip is given (PIP_FIND_LINKS, or pip's config files) are handed to it, so a
 # wheel that pip would take from such a folder (a local torch build) is taken by uv too.
+# --compile-bytecode: pip writes the .pyc files at install time and uv does not; where
+# PYTHONDONTWRITEBYTECODE is set (as on the CI kind of machine) nothing writes them later, and
+# every vLLM process (three per server) would compile vLLM's sources again each time it starts.
 UV_VERSION=0.13.9
 choose_installer() {
   uv=""
