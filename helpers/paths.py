@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "TUTORIAL_"
 OLD_PREFIX = "VLLM_TUTORIAL_"
 # Read by tutorial.sh only (which Python, which build), never settings of the server.
-SCRIPT_VARIABLES = ("FLAVOR", "PYTHON", "VENV")
+SCRIPT_VARIABLES = ("FLAVOR", "PYTHON", "VENV", "INSTALLER")
 # Read by this module, not by ``settings``.
 PATH_VARIABLES = ("CONFIG", "STATE_DIR", "CACHE_DIR")
 # Read by other parts (a server's marker, the class gateway, the browser test), not settings.

@@ -115,7 +115,7 @@ def test_unrelated_environment_variables_are_ignored():
 
 def test_the_set_up_scripts_and_the_gateways_own_variables_are_not_settings():
     s = load_settings(environ={"TUTORIAL_FLAVOR": "cpu", "TUTORIAL_PYTHON": "/usr/bin/python3",
-                               "TUTORIAL_VENV": "/tmp/venv", "TUTORIAL_GATEWAY_KEYS": "/k.json",
+                               "TUTORIAL_VENV": "/tmp/venv", "TUTORIAL_INSTALLER": "pip", "TUTORIAL_GATEWAY_KEYS": "/k.json",
                                "TUTORIAL_GATEWAY_INTERNAL_KEY": "x", "TUTORIAL_SERVER_ID": "abc"})
     assert s.model == "embedded"
 
