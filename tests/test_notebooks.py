@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,3 +88,17 @@ def test_saved_outputs_carry_no_paths_of_the_machine(path):
             text = json.dumps(output, ensure_ascii=False)
             assert home + "/" not in text and str(REPO_ROOT) not in text, text[:300]
             assert not re.search(re.escape(temp) + r"/(?!…)", text), text[:300]
+
+
+def test_the_strict_count_calls_a_cell_that_uses_what_a_helper_gave_not_plain():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from plain_code import classify
+
+    cells = ["from helpers import get_server\nserver = get_server()",   # imports: neither
+             "client = server.client()",                                # imports nothing, calls one
+             "URL = server.url",                                        # a value read: plain
+             "!curl -s {URL}/v1/models",                                # plain
+             "requests.get(f'{URL}/health')",                           # plain
+             "!curl -s {server.base_url_for('x')}"]                     # a call inside a shell line
+    assert classify(cells) == [(False, False), (True, False), (True, True), (True, True),
+                               (True, True), (True, False)]
