@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def source(cell: dict) -> str:
     return "".join(cell["source"])
 
 
+def belongs_to_both(text: str) -> bool:
+    """A text cell of fenced code blocks and tables only: it is read the same in both languages,
+    so it stands outside the language halves (and neither half repeats it or points to it)."""
+    rest = re.sub(r"^```.*?^```[ \t]*$", "", text, flags=re.S | re.M)
+    return bool(text.strip()) and all(not line.strip() or line.lstrip().startswith("|")
+                                      for line in rest.splitlines())
+
+
 def test_the_walkthrough_is_there():
     assert [p.name[:2] for p in LESSONS][:6] == ["00", "01", "02", "03", "04", "05"]
 
@@ -46,7 +55,7 @@ def test_a_lesson_opens_with_its_time_and_ends_with_a_summary_and_exercises(path
 @pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=lambda p: p.stem)
 def test_every_text_cell_stands_in_english_and_in_chinese(path):
     for cell in cells(path):
-        if cell["cell_type"] == "markdown":
+        if cell["cell_type"] == "markdown" and not belongs_to_both(source(cell)):
             english, _, chinese = source(cell).partition(CHINESE)
             assert english.strip() and chinese.strip(), source(cell)[:200]
             quoted = english.replace("算力", "")        # the origin's own word, quoted in English
@@ -54,6 +63,14 @@ def test_every_text_cell_stands_in_english_and_in_chinese(path):
                 source(cell)[:200]
             # 笔记本电脑 is a laptop; a Jupyter notebook is "notebook" (docs/glossary.md)
             assert "笔记本" not in chinese.replace("笔记本电脑", ""), "a Jupyter notebook is 'notebook', not 笔记本"
+            # code and tables stand outside the halves: no half sends its reader to the other one
+            assert not re.search(r"英文部分|英文版|见上方英文|见上文英文", chinese), source(cell)[:200]
+
+
+def test_a_cell_of_code_and_tables_belongs_to_both_languages():
+    assert belongs_to_both("```bash\nvllm serve MODEL\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert not belongs_to_both("```bash\nvllm serve MODEL\n```\nThen open the page.\n")
+    assert not belongs_to_both("")
 
 
 def test_most_code_cells_of_lessons_01_to_05_are_plain_code():
@@ -71,3 +88,17 @@ def test_saved_outputs_carry_no_paths_of_the_machine(path):
             text = json.dumps(output, ensure_ascii=False)
             assert home + "/" not in text and str(REPO_ROOT) not in text, text[:300]
             assert not re.search(re.escape(temp) + r"/(?!…)", text), text[:300]
+
+
+def test_the_strict_count_calls_a_cell_that_uses_what_a_helper_gave_not_plain():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from plain_code import classify
+
+    cells = ["from helpers import get_server\nserver = get_server()",   # imports: neither
+             "client = server.client()",                                # imports nothing, calls one
+             "URL = server.url",                                        # a value read: plain
+             "!curl -s {URL}/v1/models",                                # plain
+             "requests.get(f'{URL}/health')",                           # plain
+             "!curl -s {server.base_url_for('x')}"]                     # a call inside a shell line
+    assert classify(cells) == [(False, False), (True, False), (True, True), (True, True),
+                               (True, True), (True, False)]
