@@ -3,9 +3,9 @@
     .venv/bin/python tools/refresh_notebooks.py notebooks/03_stream_requests.ipynb [...]
 
 Each notebook runs in a fresh kernel from its own folder, exactly as nbval runs it; cells tagged
-``raises-exception`` may raise. Saved outputs are what a reader sees, so the machine's home
-folder is written ``~`` in them and the run's temporary folders as ``/tmp/…``; cells compared
-strictly by nbval must print neither (they print what the lesson guarantees). Start a detached
+``raises-exception`` may raise. Saved outputs are what a reader sees and are saved
+exactly as the cells printed them: a notebook whose outputs name this machine's home folder or a
+temporary folder is not saved (fix the cell instead). Start a detached
 server first (``./tutorial.sh serve``) so that notebooks 02-04 reuse one server instead of each
 starting its own; stop it after (``./tutorial.sh stop``).
 """
@@ -25,21 +25,24 @@ HOME = str(Path.home())
 TEMP = re.compile(r"/tmp/[\w.-]+")
 
 
-def shorten(text: str) -> str:
-    return TEMP.sub("/tmp/…", text.replace(HOME, "~"))
-
-
-def clean_outputs(nb) -> None:
+def machine_traces(nb) -> list[str]:
+    """Where a saved output names this machine's home folder or a temporary folder. Outputs
+    are never rewritten: a cell that prints such a path is fixed in the cell (the helpers print
+    the home folder as ``~`` themselves, ``helpers.paths.short_path``)."""
+    found = []
+    code_index = -1
     for cell in nb.cells:
-        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        code_index += 1
         for output in cell.get("outputs", []):
-            if "text" in output:
-                output["text"] = shorten(output["text"])
-            for key, value in list(output.get("data", {}).items()):
-                if isinstance(value, str) and key.startswith("text/"):
-                    output["data"][key] = shorten(value)
-            if output.get("output_type") == "error":
-                output["traceback"] = [shorten(line) for line in output["traceback"]]
+            texts = [output.get("text", "")]
+            texts += [v for k, v in output.get("data", {}).items() if isinstance(v, str) and k.startswith("text/")]
+            texts += output.get("traceback", [])
+            for text in texts:
+                for hit in ([HOME] if HOME in text else []) + TEMP.findall(text):
+                    found.append(f"code cell {code_index}: {hit}")
+    return found
 
 
 def refresh(path: Path, timeout: int) -> float:
@@ -47,7 +50,11 @@ def refresh(path: Path, timeout: int) -> float:
     started = time.monotonic()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
-    clean_outputs(nb)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)     # run timestamps: not part of the lesson
+    traces = machine_traces(nb)
+    if traces:
+        raise SystemExit(f"{path}: not saved, outputs carry machine paths: {sorted(set(traces))}")
     nbformat.write(nb, path)
     return time.monotonic() - started
 
