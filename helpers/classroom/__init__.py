@@ -4,8 +4,8 @@ vLLM's ``--api-key`` guards only some paths (``/v1`` ...): ``/invocations`` gene
 without a key, and ``/tokenize``, ``/metrics``, ``/docs`` and more answer anyone. So for a
 class, vLLM listens on 127.0.0.1 with an internal key, and a small gateway is the only thing
 bound to the network address: it passes ``GET /health`` (no key), and with a student's key
-``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics`` and
-``GET /version``, and answers everything else itself. (``./tutorial.sh serve`` with a network
+``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /tokenize``,
+``POST /detokenize``, ``GET /metrics`` and ``GET /version``, and answers everything else itself. (``./tutorial.sh serve`` with a network
 host starts both; notebook 07 shows each piece.)
 
 * ``keys``: per-student keys (the file holds only their sha256), revoked without a restart,

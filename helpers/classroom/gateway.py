@@ -13,6 +13,8 @@ exactly these and answers everything else itself, without touching vLLM:
   ``/metrics`` and ``/version`` to anyone);
 * ``POST /v1/chat/completions`` and ``POST /v1/completions``: a student's key, and the body
   checked and capped (``policy``);
+* ``POST /tokenize`` and ``POST /detokenize`` (notebook 02 shows the prompt the chat template
+  builds): a student's key, and only their plain fields (``policy``);
 * any other path: 404, any other method: 405, as OpenAI-style JSON errors.
 
 Toward vLLM the student's key is replaced by the internal key, and only ``Content-Type`` goes
@@ -74,7 +76,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import keys as keyfile
-from .policy import GENERATION_ROUTES, Limits, Refused, encode, parse_body, police
+from .policy import GENERATION_ROUTES, TOKEN_ROUTES, Limits, Refused, encode, parse_body, police
 
 INTERNAL_KEY_VARIABLE = "TUTORIAL_GATEWAY_INTERNAL_KEY"
 INTERNAL_KEY_FILE_VARIABLE = "TUTORIAL_GATEWAY_INTERNAL_KEY_FILE"
@@ -83,9 +85,9 @@ READY_LINE = "gateway ready:"
 
 # The only routes that reach vLLM, and the one method each accepts.
 FORWARDED = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST",
-             "/metrics": "GET", "/version": "GET"}
+             "/tokenize": "POST", "/detokenize": "POST", "/metrics": "GET", "/version": "GET"}
 SERVED = ("GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
-          "GET /metrics, GET /version")
+          "POST /tokenize, POST /detokenize, GET /metrics, GET /version")
 SSE = "text/event-stream"
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -356,7 +358,7 @@ class Gateway:
             await _refusal(err, {"Allow": FORWARDED[route]})(scope, receive, send)
             return
         request = Request(scope, receive)
-        generation = route in GENERATION_ROUTES
+        generation = route in GENERATION_ROUTES or route in TOKEN_ROUTES     # a body, policed; per-key cap
         student, key_hash, changed, payload = "-", "-", [], None
         try:
             student, key_hash = self.authenticate(request)

@@ -14,6 +14,8 @@ a message that names the rule, or rewritten to fit:
 * ``allowed_token_ids`` and ``logit_bias`` may hold at most ``max_allowed_token_ids`` /
   ``max_logit_bias`` entries, ``stop_token_ids`` and ``bad_words`` at most
   ``max_stop_token_ids``, ``stop`` at most ``max_stop`` strings;
+* ``/tokenize`` and ``/detokenize`` take only their plain fields (``_TOKEN_FIELDS``): no
+  ``chat_template`` or ``chat_template_kwargs``, no tools, no processor arguments;
 * ``/v1/completions`` takes one prompt per request (a list of prompts is a batch: as many
   sequences as entries), and never ``prompt_embeds`` (raw tensors from the network) nor the
   disaggregated-serving fields ``kv_transfer_params`` / ``ec_transfer_params``.
@@ -71,6 +73,15 @@ class Refused(Exception):
 
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# What the server does with a request before generating (notebook 02): the prompt the chat
+# template builds, as token ids, and token ids back to text. Cheap, but still work on vLLM's API
+# server, so they count against a key's concurrency like generation does.
+TOKEN_ROUTES = ("/tokenize", "/detokenize")
+_TOKEN_FIELDS = {
+    "/tokenize": {"model", "messages", "prompt", "add_generation_prompt", "add_special_tokens",
+                  "continue_final_message", "return_token_strs"},
+    "/detokenize": {"model", "tokens"},
+}
 _DROPPED = ("best_of", "priority", "request_id")
 _REFUSED = ("prompt_embeds", "kv_transfer_params", "ec_transfer_params")
 
@@ -115,6 +126,8 @@ def _count(body: dict, name: str, kinds: tuple[type, ...], limit: int, what: str
 def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
     """Check and rewrite one generation request. Returns the body to send and what was changed
     (``["max_tokens 4096 -> 512", ...]``); raises ``Refused`` for a request it will not send."""
+    if route in TOKEN_ROUTES:
+        return _police_tokens(body, route), []
     body = dict(body)
     changed: list[str] = []
     for name in _REFUSED:
@@ -153,6 +166,18 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
             del body[name]
             changed.append(f"{name} dropped")
     return body, changed
+
+
+def _police_tokens(body: dict, route: str) -> dict:
+    """``/tokenize`` and ``/detokenize`` take only their plain fields: no template, template
+    arguments, tools or processor arguments of the student's own (vLLM renders templates on its
+    API server, the one process the whole class shares)."""
+    allowed = _TOKEN_FIELDS[route]
+    for name in sorted(body):
+        if name not in allowed:
+            raise Refused(400, f"{name} is not accepted by this class server on {route} (it takes "
+                               f"{', '.join(sorted(allowed))})", code="field_not_allowed", param=name)
+    return dict(body)
 
 
 def encode(body: dict) -> bytes:

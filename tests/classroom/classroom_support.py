@@ -106,10 +106,18 @@ class FakeVLLM:
             self._record(request, None)
             return JSONResponse({"version": "fake"})
 
+        async def tokens(request: Request):
+            body = json.loads(await request.body())
+            self._record(request, body)
+            if request.url.path == "/tokenize":
+                return JSONResponse({"count": 2, "max_model_len": 2048, "tokens": [1, 2]})
+            return JSONResponse({"prompt": "ab"})
+
         routes = [Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
                   Route("/version", version),
                   Route("/v1/chat/completions", generate, methods=["POST"]),
-                  Route("/v1/completions", generate, methods=["POST"])]
+                  Route("/v1/completions", generate, methods=["POST"]),
+                  Route("/tokenize", tokens, methods=["POST"]), Route("/detokenize", tokens, methods=["POST"])]
         return Starlette(routes=routes)
 
     def _refuses(self, request: Request) -> bool:

@@ -43,10 +43,13 @@ def raw_request(host: str, port: int, method: str, path: str, headers: dict[str,
 
 def sweep(config: dict) -> dict:
     host, port = config["gateway_host"], config["gateway_port"]
-    body = json.dumps({"model": config["model"], "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 1}).encode()
+    generic = json.dumps({"model": config["model"], "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 1}).encode()
+    plain = {"/tokenize": {"model": config["model"], "messages": [{"role": "user", "content": "hi"}]},
+             "/detokenize": {"model": config["model"], "tokens": [1, 2]}}     # only their own fields
     results = []
     for method, path in config["requests"]:
+        body = json.dumps(plain[path]).encode() if path in plain else generic
         for who, key in config["keys"].items():
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             answer = raw_request(host, port, method, path, headers, b"" if method in ("GET", "HEAD") else body)

@@ -57,7 +57,7 @@ def generation_requests(fake: FakeVLLM) -> list[dict]:
 def test_only_the_class_routes_pass_everything_else_is_404_or_405_without_reaching_vllm(fake, class_keys):
     path, made = class_keys
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
-        for method, url in [("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+        for method, url in [("POST", "/invocations"), ("POST", "/tokenize/"), ("GET", "/TOKENIZE"),
                             ("GET", "/load"), ("GET", "/docs"), ("GET", "/openapi.json"),
                             ("POST", "/pause"), ("POST", "/resume"), ("GET", "/metrics/"), ("GET", "/v1/models/"),
                             ("POST", "/v1/chat/completions/render"), ("POST", "/v1/responses"),
@@ -68,7 +68,7 @@ def test_only_the_class_routes_pass_everything_else_is_404_or_405_without_reachi
                 assert error_of(reply)["code"] == "not_found"
         for method, url in [("POST", "/v1/models"), ("DELETE", "/v1/models"), ("HEAD", "/v1/models"),
                             ("POST", "/metrics"), ("DELETE", "/version"),
-                            ("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"),
+                            ("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"), ("GET", "/tokenize"),
                             ("OPTIONS", "/v1/chat/completions"), ("POST", "/health")]:
             reply = client.request(method, url, headers=bearer(made["ana"]))
             assert reply.status_code == 405, (method, url, reply.status_code)
@@ -89,6 +89,35 @@ def test_metrics_and_version_need_a_key_and_reach_vllm_with_the_internal_one(fak
         assert "vllm:num_requests_running" in client.get("/metrics", headers=bearer(made["ana"])).text
     reached = [r for r in fake.requests if r["path"] in ("/metrics", "/version")]
     assert len(reached) == 3 and all(made["ana"] not in str(r["headers"]) for r in reached)
+
+
+def test_tokenize_and_detokenize_need_a_key_and_take_only_their_plain_fields(fake, class_keys):
+    # Notebook 02 shows the prompt the chat template builds with /tokenize, then /detokenize.
+    path, made = class_keys
+    messages = [{"role": "user", "content": "hi"}]
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        assert client.post("/tokenize", json={"model": "fake", "messages": messages}).status_code == 401
+        reply = client.post("/tokenize", headers=bearer(made["ana"]),
+                            json={"model": "fake", "messages": messages, "return_token_strs": True})
+        assert reply.status_code == 200 and reply.json()["tokens"] == [1, 2], reply.text
+        reply = client.post("/detokenize", headers=bearer(made["ana"]), json={"model": "fake", "tokens": [1, 2]})
+        assert reply.status_code == 200 and reply.json() == {"prompt": "ab"}, reply.text
+        for route, extra in [("/tokenize", {"chat_template": "{{ 7 * 7 }}"}),
+                             ("/tokenize", {"chat_template_kwargs": {"enable_thinking": True}}),
+                             ("/tokenize", {"tools": []}), ("/tokenize", {"mm_processor_kwargs": {}}),
+                             ("/detokenize", {"messages": messages})]:
+            body = {"model": "fake", **({"tokens": [1]} if route == "/detokenize" else {"messages": messages}), **extra}
+            reply = client.post(route, headers=bearer(made["ana"]), json=body)
+            assert reply.status_code == 400, (route, extra, reply.text)
+            error = error_of(reply)
+            assert error["code"] == "field_not_allowed" and error["param"] == next(iter(extra)), error
+            assert next(iter(extra)) in error["message"] and route in error["message"]
+        too_big = {"model": "fake", "tokens": list(range(20000))}        # over 64 KiB of JSON
+        assert client.post("/detokenize", headers=bearer(made["ana"]), json=too_big).status_code == 413
+    reached = [r for r in fake.requests if r["path"] in ("/tokenize", "/detokenize")]
+    assert [r["path"] for r in reached] == ["/tokenize", "/detokenize"]
+    assert all(made["ana"] not in str(r["headers"]) for r in reached)
+    assert reached[0]["body"] == {"model": "fake", "messages": messages, "return_token_strs": True}
 
 
 def test_health_says_only_the_status_and_503_when_vllm_is_down(class_keys):
