@@ -19,7 +19,7 @@ The package, by concern:
   ``log_experiment``);
 * ``classroom/``: a class on one server (``keys``: students' keys; ``gateway``: the keyed front
   door; ``policy``: what a request may ask; ``service``: the gateway as a process);
-* ``loadtest``: simulated users against a server, every failure named (notebooks 06 and 07);
+* ``loadtest``: simulated users against a server, every failure named (notebooks 07 and 08);
 * ``__main__``: ``python -m helpers start|status|stop`` (``./tutorial.sh serve|status|stop``).
 """
 

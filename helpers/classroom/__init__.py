@@ -6,7 +6,7 @@ class, vLLM listens on 127.0.0.1 with an internal key, and a small gateway is th
 bound to the network address: it passes ``GET /health`` (no key), and with a student's key
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /metrics`` and ``GET /version``, and answers everything else itself. (``./tutorial.sh serve`` with a network
-host starts both; notebook 07 shows each piece.)
+host starts both; notebook 08 shows each piece.)
 
 * ``keys``: per-student keys (the file holds only their sha256), revoked without a restart,
   the hand-out lines (``python -m helpers.classroom.keys create|revoke|list``);

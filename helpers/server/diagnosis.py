@@ -122,11 +122,11 @@ FATAL_RULES = (
     _rule("CUDA error",
           r"CUDA error[^\n]*|CUBLAS_STATUS_[A-Z_]+[^\n]*|an illegal memory access[^\n]*",
           "a GPU kernel failed. With tensor parallelism on Hopper GPUs and vLLM 0.25-0.26 this is "
-          "the all-reduce + RMSNorm fusion (see notebook 06): start with "
+          "the all-reduce + RMSNorm fusion (see notebook 07): start with "
           "VLLM_ALLREDUCE_USE_FLASHINFER=0 and -cc.pass_config.fuse_allreduce_rms=False, or "
           "--enforce-eager.",
           zh=("CUDA 错误", "某个 GPU kernel 出错了。在 Hopper GPU 上用 vLLM 0.25–0.26 做张量并行时，原因是 all-reduce "
-                          "+ RMSNorm 融合（见 notebook 06）：启动时加上 VLLM_ALLREDUCE_USE_FLASHINFER=0 和 "
+                          "+ RMSNorm 融合（见 notebook 07）：启动时加上 VLLM_ALLREDUCE_USE_FLASHINFER=0 和 "
                           "-cc.pass_config.fuse_allreduce_rms=False，或者使用 --enforce-eager。"),
           example="RuntimeError: CUDA error: an illegal memory access was encountered"),
     _rule("engine core failed",

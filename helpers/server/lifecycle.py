@@ -405,7 +405,7 @@ def _refuse_network_host(host: str) -> None:
             f"a vLLM server on {host} could be reached from other machines, and vLLM's own "
             f"API key guards only its /v1 routes (/invocations, /tokenize, /metrics ... answer anyone). "
             f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
-            f"behind a gateway that checks every student's key (notebook 07).")
+            f"behind a gateway that checks every student's key (notebook 08).")
 
 
 def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:

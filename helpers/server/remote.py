@@ -122,7 +122,7 @@ class RemoteServer:
 
 
 def local_server_only(what: str, settings: Settings | None = None) -> bool:
-    """Call at the top of a notebook that starts servers of its own (01, 05, 07).
+    """Call at the top of a notebook that starts servers of its own (01, 05, 06, 08).
 
     On a student's machine connected to a class server (``server_url`` set), say so and turn
     every later cell of this notebook into that note, so that it runs through (under nbval too)

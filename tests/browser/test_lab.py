@@ -40,7 +40,7 @@ from browser_lab import (PROBE, READY, RUN_ALL, SHUT_DOWN, JupyterLab, busy, chr
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-OWN_SERVER = re.compile(r"^0[01567]_")             # as in conftest.py: these need no shared server
+OWN_SERVER = re.compile(r"^0[015678]_")             # as in conftest.py: these need no shared server
 # Those that start their own servers (or none) first: until one needs it the run's shared server
 # is not started, so a run of this file alone has one vLLM server at a time.
 STREAM_CALLS = ("show_stream", "StreamView", "show_streams", "StreamGrid")

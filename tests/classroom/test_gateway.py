@@ -196,7 +196,7 @@ def test_keys_made_or_revoked_while_running_count_without_a_restart(fake, class_
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
         assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200   # the file was just read
         new = keyfile.create_keys(path, ["eve"])["eve"]
-        # A key made a moment ago works on the very next request (notebook 07 makes keys and uses
+        # A key made a moment ago works on the very next request (notebook 08 makes keys and uses
         # them at once), not only after the next look at the file's mtime.
         assert client.get("/v1/models", headers=bearer(new)).status_code == 200
         keyfile.revoke(path, "ana")

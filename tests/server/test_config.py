@@ -256,7 +256,7 @@ def test_every_choice_has_a_reason(big_model_dir):
 
 
 def test_a_network_host_is_explained_as_refused_at_start(model_dir):
-    # vLLM on a network address would serve routes its key does not guard (notebook 07):
+    # vLLM on a network address would serve routes its key does not guard (notebook 08):
     # VLLMServer refuses it (UnsafeHostError, tests/server/test_lifecycle.py); the config says so.
     cfg = from_settings(Settings(model=str(model_dir), host="0.0.0.0"), machine(), log=quiet)
     why = dict(cfg.reasons)["--host 0.0.0.0"]
