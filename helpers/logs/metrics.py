@@ -11,19 +11,14 @@ them directly gives the numbers without any log noise::
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..endpoint import as_endpoint
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -52,21 +47,19 @@ class Metrics:
 
 
 def parse(text: str) -> Metrics:
-    """Parse Prometheus' text exposition format (comments and type lines are skipped)."""
-    samples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if not match:
-            raise ValueError(f"not a Prometheus sample line: {line!r}")
-        name, raw_labels, raw_value = match.groups()
-        labels = {}
-        for key, value in _LABEL.findall(raw_labels or ""):
-            labels[key] = re.sub(r'\\[\\"n]', lambda m: _UNESCAPE[m.group()], value)
-        samples.append(Sample(name, labels, float(raw_value)))
-    return Metrics(tuple(samples))
+    """Prometheus' text exposition format, read by prometheus_client's own parser (the library
+    vLLM exports its metrics with). A line it cannot read is named."""
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                try:
+                    list(text_string_to_metric_families(line + "\n"))
+                except ValueError:
+                    raise ValueError(f"not a Prometheus sample line: {line.strip()!r}") from None
+        raise
+    return Metrics(tuple(Sample(s.name, dict(s.labels), float(s.value)) for f in families for s in f.samples))
 
 
 def scrape(target: Any, timeout: float = 5.0) -> Metrics:

@@ -21,6 +21,7 @@ from typing import Mapping
 
 from ..endpoint import http_url
 from ..logs import presets as log_presets
+from ..paths import short_path
 from ..settings import Settings, load_settings
 from . import hardware
 from .model_source import resolve_model
@@ -97,11 +98,20 @@ class ServerConfig:
             words = ["python", *ENTRYPOINT, *args]
         env = [f"{k}={'$TUTORIAL_API_KEY' if hide_key and k == 'VLLM_API_KEY' else shlex.quote(v)}"
                for k, v in sorted(self.environment().items())]
-        quoted = [w if w.startswith("$") else shlex.quote(w) for w in words]
+        quoted = [w if w.startswith("$") else _shell_word(w) for w in words]
         return " ".join(env + quoted)
 
     def explain(self) -> str:
         return "\n".join(f"{what:<28} {why}" for what, why in self.reasons)
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a shell, a path under the home folder written ``~/...`` (the shell
+    expands it; printed commands then carry no user name)."""
+    short = short_path(word)
+    if short.startswith("~/"):
+        return "~/" + shlex.quote(short[2:])
+    return shlex.quote(word)
 
 
 def _has_flag(args: tuple[str, ...], flag: str) -> bool:

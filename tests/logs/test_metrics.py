@@ -57,9 +57,9 @@ def test_label_escapes_are_undone():
 
 
 def test_comments_blank_lines_timestamps_and_special_values():
-    m = parse("# HELP x a counter\n# TYPE x counter\n\nx 1.5 1700000000000\ny +Inf\nz NaN\n")
-    assert [s.name for s in m.samples] == ["x", "y", "z"]
-    assert m.value("x") == 1.5
+    m = parse("# HELP x a counter\n# TYPE x counter\n\nx_total 1.5 1700000000000\ny +Inf\nz NaN\n")
+    assert [s.name for s in m.samples] == ["x_total", "y", "z"]      # a counter's samples end in _total
+    assert m.value("x_total") == 1.5
     assert m.value("y") == float("inf")
 
 
