@@ -122,11 +122,11 @@ def serve_command(model: str, flags: list[str], port: int, *, dummy: bool, cpu: 
     return command
 
 
-def bench_command(model: str, port: int, load: list[str], result_dir: Path, name: str) -> list[str]:
+def bench_command(model: str, port: int, load: list[str], result_dir: Path, name: str, seed: int) -> list[str]:
     entry = ["-m", "vllm.entrypoints.cli.main", "bench", "serve"] if has_vllm_command() else ["-c", BENCH_MODULE]
     return [sys.executable, *entry, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
             "--model", SERVED_NAME, "--tokenizer", model, "--dataset-name", "random", *load,
-            "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl",
+            "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl",
             "--metric-percentiles", "50,95", "--save-result", "--result-dir", str(result_dir),
             "--result-filename", f"{name}.json"]
 
@@ -204,8 +204,10 @@ def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, 
             log(f"[{name}] {attempt} start ready in {ready_s} s; {record['log']}")
             write_json(out, results)
             if attempt == "first":
-                for load_name, load in loads.items():
-                    bench = bench_command(model, port, load, work, load_name)
+                for seed, (load_name, load) in enumerate(loads.items(), start=1):
+                    # a seed of its own per load: the same seed makes the same prompts, and the
+                    # prefix cache would serve what the earlier load already computed
+                    bench = bench_command(model, port, load, work, load_name, seed)
                     log(f"[{name}] {load_name}: {' '.join(bench)}")
                     done = subprocess.run(bench, capture_output=True, text=True, timeout=600, env=env)
                     saved = work / f"{load_name}.json"
