@@ -67,6 +67,14 @@ def gpu_memory_returns():
             f"GPU memory in use: {gpu_memory_used_mib()} MiB after, {before} MiB before"
 
 
+@pytest.fixture
+def own_registry(monkeypatch, tmp_path):
+    """A registry of this test's own. The run's registry is shared by the pytest workers: a server
+    another worker starts meanwhile would read as one this test left (seen in CI: a refused start
+    "left" a record that was another worker's notebook server)."""
+    monkeypatch.setenv("TUTORIAL_STATE_DIR", str(tmp_path / "servers"))
+
+
 def records_now() -> set[int]:
     return {r.guard_pid for r in registry.load_all()}
 
@@ -80,7 +88,7 @@ def kill_new_servers(before: set[int]) -> None:
 
 # --- refused before anything starts -------------------------------------------------------------
 
-def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_path):
+def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_path, own_registry):
     missing = tmp_path / "model" / "Qwen2-7B-Instruct"
     before = records_now()
     started = time.monotonic()
@@ -90,7 +98,7 @@ def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_pat
     assert records_now() == before
 
 
-def test_busy_port_is_refused_at_once(listener):
+def test_busy_port_is_refused_at_once(listener, own_registry):
     before = records_now()
     started = time.monotonic()
     with pytest.raises(PortInUseError, match=f"port {listener} "):
@@ -99,7 +107,7 @@ def test_busy_port_is_refused_at_once(listener):
     assert records_now() == before
 
 
-def test_a_network_address_is_refused_before_anything_starts():
+def test_a_network_address_is_refused_before_anything_starts(own_registry):
     # vLLM's own key guards only its /v1 routes: no vLLM server faces the network (a class server
     # is vLLM on loopback behind the gateway).
     from helpers.errors import UnsafeHostError
@@ -111,7 +119,7 @@ def test_a_network_address_is_refused_before_anything_starts():
     assert time.monotonic() - started < 0.5 and records_now() == before
 
 
-def test_a_class_server_without_student_keys_is_refused(tmp_path):
+def test_a_class_server_without_student_keys_is_refused(tmp_path, own_registry):
     env = {**os.environ, "TUTORIAL_HOST": "0.0.0.0", "TUTORIAL_CACHE_DIR": str(tmp_path / "cache")}
     before = records_now()
     done = subprocess.run([sys.executable, "-m", "helpers", "start"], env=env, capture_output=True, text=True,
@@ -201,7 +209,7 @@ def test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_eve
 
 
 @pytest.mark.vllm
-def test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s(gpu_memory_returns):
+def test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s(gpu_memory_returns, own_registry):
     from jupyter_client.manager import KernelManager
 
     before = records_now()
