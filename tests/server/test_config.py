@@ -10,6 +10,7 @@ import pytest
 
 from helpers.server import hardware
 from helpers.server.hardware import Gpu
+from helpers.server import builds
 from helpers.server.config import ENTRYPOINT, ServerConfig, from_settings
 from helpers.settings import Settings
 
@@ -81,9 +82,15 @@ def test_dtype_auto_and_single_gpu_add_no_flags():
     assert "--tensor-parallel-size" not in args
 
 
-def test_argv_is_python_module_entrypoint_then_args():
+def test_argv_starts_each_build_its_own_way():
     cfg = config(served_model_name="q")
-    assert cfg.argv() == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", *cfg.args()]
+    flags = ["--host", "127.0.0.1", "--port", "8000", "--served-model-name", "q"]
+    assert cfg.argv(builds.CPU) == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server",
+                                    "--model", "/models/Qwen2-7B-Instruct", *flags]
+    # the CUDA wheel: `vllm serve MODEL` (the module the `vllm` script runs, with this interpreter)
+    assert cfg.argv(builds.GPU) == ["/venv/bin/python", "-m", "vllm.entrypoints.cli.main", "serve",
+                                    "/models/Qwen2-7B-Instruct", *flags]
+    assert cfg.argv() == cfg.argv(builds.current())
 
 
 def test_default_python_is_this_interpreter():
@@ -123,7 +130,7 @@ def test_the_api_key_is_never_on_the_command_line():
     cfg = config(api_key="sk-very-secret")
     assert "sk-very-secret" not in " ".join(cfg.argv())
     assert cfg.environment() == {"VLLM_API_KEY": "sk-very-secret"}
-    line = cfg.command_line()
+    line = cfg.command_line(style="module")
     assert "sk-very-secret" not in line
     assert line.startswith("VLLM_API_KEY=$TUTORIAL_API_KEY python -m vllm")
     assert "VLLM_API_KEY=sk-very-secret" in cfg.command_line(hide_key=False)
@@ -131,7 +138,7 @@ def test_the_api_key_is_never_on_the_command_line():
 
 def test_command_line_module_style_with_env_first():
     cfg = config(served_model_name="Qwen2-7B-Instruct", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert cfg.command_line() == (
+    assert cfg.command_line(style="module") == (
         "VLLM_CPU_KVCACHE_SPACE=1 python -m vllm.entrypoints.openai.api_server "
         "--host 127.0.0.1 --port 8000 --model /models/Qwen2-7B-Instruct "
         "--served-model-name Qwen2-7B-Instruct")
@@ -149,7 +156,7 @@ def test_command_line_round_trips_through_shlex():
     cfg = config(model="/models/my model's dir", served_model_name="a b",
                  extra_args=("--chat-template", "{{ x }} & $(rm -rf /)"),
                  env={"B": "x y", "A": "1"}, api_key="k")
-    words = shlex.split(cfg.command_line(hide_key=False))
+    words = shlex.split(cfg.command_line(style="module", hide_key=False))
     assert words == ["A=1", "B=x y", "VLLM_API_KEY=k", "python", *ENTRYPOINT, *cfg.args()]
 
 
@@ -300,3 +307,9 @@ def test_a_log_flag_in_extra_args_wins_over_the_preset(model_dir):
     args = from_settings(settings, machine(), log=quiet).args()
     assert [a for a in args if a.startswith("--uvicorn-log-level")] == ["--uvicorn-log-level=warning"]
     assert "error" not in args and "--disable-uvicorn-access-log" in args
+
+
+def test_the_default_command_line_is_the_installed_builds_form():
+    cfg = config()
+    expected = "vllm serve" if builds.current() is builds.GPU else "python -m vllm.entrypoints.openai.api_server"
+    assert cfg.command_line().startswith(expected)

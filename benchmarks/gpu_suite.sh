@@ -1,0 +1,51 @@
+#!/bin/bash
+# The test suite on a GPU machine without a package index (the device tool's machine), after the
+# vLLM bundle of ../shared/gpu/README.md is unpacked into /tmp/site.
+#
+#   bash benchmarks/gpu_suite.sh SUITE_DIR [STAGE...]
+#
+# SUITE_DIR holds wh/ (the test set's wheels for Python 3.12: pytest, nbval, ipykernel, ...;
+# made with `pip download --only-binary=:all: --python-version 3.12 -r ...`) and smollm2/ (the
+# embedded model's config.json, tokenizer and chat template, no weights: vLLM makes random
+# weights of that shape with --load-format dummy, so answers are noise and only --nbval-lax fits).
+# Stages: unit (every test not marked vllm), notebooks (02-04 on the shared server under
+# --nbval-lax, and the build's own checks). JUnit files and logs go to $OUT.
+set -u
+suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks]}
+shift
+stages=${*:-unit notebooks}
+out=${OUT:-/tmp/gpu-suite-out}
+mkdir -p "$out" /tmp/suite-site
+for w in "$suite"/wh/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
+export PYTHONPATH=/tmp/site:/tmp/suite-site:$PWD
+export PATH=$PATH:/tmp/site/bin
+model=/tmp/smollm2-dummy
+rm -rf "$model" && cp -r "$suite/smollm2" "$model"
+export TUTORIAL_MODEL=$model TUTORIAL_SERVED_MODEL_NAME=smollm2-135m-instruct TUTORIAL_MAX_MODEL_LEN=2048
+export TUTORIAL_EXTRA_ARGS="--load-format dummy"
+nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader | tee "$out/device.txt"
+python3 - <<'EOF' | tee -a "$out/device.txt"
+import importlib.metadata as m, platform
+from helpers.server import builds
+print("python", platform.python_version(), "| build:", builds.installed().name)
+for name in ("vllm", "torch", "nvidia-nccl-cu13", "transformers", "openai"):
+    try:
+        print(f"{name:18} {m.version(name)}")
+    except m.PackageNotFoundError:
+        print(f"{name:18} not installed")
+EOF
+opts=(-o addopts= -p no:cacheprovider -q -rfEs --durations=10)
+for stage in $stages; do
+  case $stage in
+    unit) timeout 200 python3 -m pytest "${opts[@]}" -n 8 -m "not vllm" tests \
+            --junitxml="$out/unit.xml" > "$out/unit.log" 2>&1
+          echo "unit: exit $?; $(tail -1 "$out/unit.log")" ;;
+    notebooks) timeout 420 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
+            --nbval-cell-timeout 300 tests/server/test_builds.py notebooks/02_list_models.ipynb \
+            notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb \
+            --junitxml="$out/notebooks.xml" > "$out/notebooks.log" 2>&1
+          echo "notebooks: exit $?; $(tail -1 "$out/notebooks.log")" ;;
+  esac
+done
+# `timeout` signals pytest alone: end any server it left (the pattern cannot match this line).
+pkill -9 -f '[v]llm.entrypoints' ; pkill -9 -f '[V]LLM::' ; true
