@@ -37,10 +37,10 @@ EOF
 opts=(-o addopts= -p no:cacheprovider -q -rfEs --durations=10)
 for stage in $stages; do
   case $stage in
-    unit) timeout 200 python3 -m pytest "${opts[@]}" -n 8 -m "not vllm" tests \
+    unit) timeout 150 python3 -m pytest "${opts[@]}" -n 8 -m "not vllm" tests \
             --junitxml="$out/unit.xml" > "$out/unit.log" 2>&1
           echo "unit: exit $?; $(tail -1 "$out/unit.log")" ;;
-    notebooks) timeout 420 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
+    notebooks) timeout 370 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
             --nbval-cell-timeout 300 tests/server/test_builds.py notebooks/02_list_models.ipynb \
             notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb \
             --junitxml="$out/notebooks.xml" > "$out/notebooks.log" 2>&1

@@ -78,7 +78,7 @@ def test_tp2_carries_the_fusion_fix_and_the_origins_flags(qwen_folder):
     env = config.environment()
     assert env["VLLM_ALLREDUCE_USE_FLASHINFER"] == "0"
     assert {k: env[k] for k in bench.MULTICAST_OFF} == bench.MULTICAST_OFF
-    line = config.command_line()
+    line = config.command_line(style="module")
     assert line.startswith("NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 "
                            "VLLM_ALLREDUCE_USE_FLASHINFER=0 python -m vllm.entrypoints.openai.api_server")
     assert "--compilation-config '" + FIX + "'" in line

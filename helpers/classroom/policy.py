@@ -6,7 +6,8 @@ GPU) 2,000 ``allowed_token_ids`` is served, or kills the engine for everyone
 (``EngineDeadError``). So every generation request is read here first, and either refused with
 a message that names the rule, or rewritten to fit:
 
-* the body is at most ``max_body_bytes`` (413) and is a JSON object (400);
+* the body is at most ``max_body_bytes`` (413) and is a JSON object nested at most
+  ``MAX_JSON_DEPTH`` levels (400);
 * ``max_tokens`` / ``max_completion_tokens`` are clamped to ``max_tokens`` (and set to it when
   the request has neither: vLLM's default is the whole context);
 * ``n`` becomes 1, ``best_of`` and ``priority`` are dropped, ``request_id`` is dropped (vLLM
@@ -90,12 +91,49 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Deeper JSON than this is refused before it is parsed: Python's parser recurses once per level
+# and a 60,000-deep `[[[...` (under 64 KiB) raised RecursionError, a 500 with a traceback. No
+# request a class sends nests deeper (a chat with a tool's JSON schema: about 10).
+MAX_JSON_DEPTH = 64
+_OPEN, _CLOSE, _QUOTE, _BACKSLASH = b"[{", b"]}", ord('"'), ord("\\")
+
+
+def json_depth(raw: bytes, stop_above: int = MAX_JSON_DEPTH) -> int:
+    """How deep ``raw``'s arrays and objects nest (brackets inside strings do not count);
+    counting stops at the first level above ``stop_above``."""
+    depth = peak = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPEN:
+            depth += 1
+            if depth > peak:
+                peak = depth
+                if peak > stop_above:
+                    break
+        elif byte in _CLOSE:
+            depth -= 1
+    return peak
+
+
 def parse_body(raw: bytes) -> dict:
     """The request's JSON object; ``Refused`` (400) for anything else."""
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise Refused(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                      code="invalid_json")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise Refused(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise Refused(400, f"the request body is not valid JSON ({type(err).__name__}: {err})",
+                      code="invalid_json") from None
     if not isinstance(body, dict):
         raise Refused(400, f"the request body must be a JSON object, got {type(body).__name__}",
                       code="invalid_json")

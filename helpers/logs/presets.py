@@ -47,6 +47,10 @@ FILTER_FILE = "filter-stats-logger.json"
 # default one, minus the stats lines.
 VLLM_FORMAT = ("(%(vllm_process_name)s pid=%(process)d) %(levelname)s %(asctime)s "
                "[%(fileinfo)s:%(lineno)d] %(message)s")
+# vLLM 0.26.0's (the GPU set): no process name in the format (0.26.0 prefixes the process's output
+# instead). Its records have no `vllm_process_name`, so 0.32.0's format there would print a
+# logging error for every line.
+VLLM_FORMAT_0_26 = "%(levelname)s %(asctime)s [%(fileinfo)s:%(lineno)d] %(message)s"
 VLLM_DATE_FORMAT = "%m-%d %H:%M:%S"
 
 
@@ -184,11 +188,21 @@ def formatter_takes_log_level(root: Path) -> bool:
     return bool(init and "log_level" in init.group(1))
 
 
-def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True) -> dict:
+def log_format(root: Path | None = None) -> str:
+    """The log format of the installed vLLM (read from its ``logger.py``, not imported)."""
+    root = root or vllm_dir()
+    if root is not None and "vllm_process_name" not in _read(root / "logger.py"):
+        return VLLM_FORMAT_0_26
+    return VLLM_FORMAT
+
+
+def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True,
+                  fmt: str | None = None) -> dict:
     """A ``logging.config.dictConfig`` that is vLLM's default one plus one line: the stats
-    logger at WARNING. Everything else (format, handler, stream, levels) stays vLLM's."""
+    logger at WARNING. Everything else (format, handler, stream, levels) stays vLLM's; ``fmt``
+    defaults to the installed vLLM's format."""
     formatter = {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": VLLM_DATE_FORMAT,
-                 "format": VLLM_FORMAT}
+                 "format": fmt or log_format()}
     if log_level_kwarg:
         formatter["log_level"] = "INFO"
     return {
@@ -206,11 +220,12 @@ def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = T
     }
 
 
-def write_filter_config(folder: Path, stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True) -> Path:
+def write_filter_config(folder: Path, stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True,
+                        fmt: str | None = None) -> Path:
     """Write the filtering config into ``folder`` (the state folder, never the repository)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILTER_FILE
-    text = json.dumps(filter_config(stats_logger, log_level_kwarg=log_level_kwarg), indent=2) + "\n"
+    text = json.dumps(filter_config(stats_logger, log_level_kwarg=log_level_kwarg, fmt=fmt), indent=2) + "\n"
     if _read(path) != text:
         path.write_text(text, encoding="utf-8")
     return path
@@ -250,7 +265,8 @@ def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, 
             if folder is None:
                 folder = state_dir() / "logging"
             env[switch.name] = str(write_filter_config(folder, source.logger,
-                                                       log_level_kwarg=formatter_takes_log_level(root)))
+                                                       log_level_kwarg=formatter_takes_log_level(root),
+                                                       fmt=log_format(root)))
         elif switch.is_flag:
             args += switch.words()
         else:
@@ -265,7 +281,9 @@ def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, 
 KINDS = ("stats", "access", "debug", "info", "warning", "error", "other")
 
 # (APIServer pid=3586) INFO 11-27 08:50:25 [loggers.py:335] Engine 000: Avg prompt throughput: ...
-_VLLM_LINE = re.compile(r"\([^()]*pid=\d+\) (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+# vLLM 0.26.0 puts that prefix on every line of the process's output (decorate_logs); 0.32.0 puts it
+# in the format, so a configuration with 0.26.0's format (notebook 05) gives lines without it.
+_VLLM_LINE = re.compile(r"(?:\([^()]*pid=\d+\) |^)(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
                         r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\] ?(?P<message>.*)$")
 # INFO:     127.0.0.1:34316 - "POST /v1/chat/completions HTTP/1.1" 200 OK
 _UVICORN_LINE = re.compile(r"^(?P<level>TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+(?P<message>.*)$")

@@ -236,7 +236,8 @@ def test_bodies_too_large_or_not_json_are_refused_before_vllm(fake, class_keys):
         reply = client.post("/v1/chat/completions", headers=key, content=chunked())
         assert reply.status_code == 413
         for raw, code in [(b"{", "invalid_json"), (b"[1, 2]", "invalid_json"), (b'"text"', "invalid_json"),
-                          (b'{"max_tokens": NaN}', "invalid_json"), (b"\xff\xfe", "invalid_json")]:
+                          (b'{"max_tokens": NaN}', "invalid_json"), (b"\xff\xfe", "invalid_json"),
+                          (b"[" * 900, "invalid_json")]:    # deep (60,000 levels was a RecursionError, a 500)
             reply = client.post("/v1/completions", headers=key, content=raw)
             assert reply.status_code == 400 and error_of(reply)["code"] == code, raw
         reply = client.post("/v1/completions", headers=key, json={"prompt": "x", "max_tokens": "many"})
@@ -386,3 +387,14 @@ def test_revoking_a_key_ends_its_open_streams_with_an_error_event(fake, class_ke
             assert not ana_stream.is_closed
         assert any("ended open request(s): 2 of bo" in line for line in gw.lines)
     assert wait_for(lambda: fake.open == 0, 10)
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    from helpers.classroom.policy import MAX_JSON_DEPTH, Refused, json_depth, parse_body
+
+    assert json_depth(b'{"a": [1, {"b": "[[[[ {{"}]}') == 3
+    assert json_depth(b'{"a": "\\"[[[", "b": [[]]}') == 3          # an escaped quote does not end the string
+    nested = b'{"a": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert parse_body(nested)["a"]                                   # at the limit: parsed
+    with pytest.raises(Refused, match=f"deeper than {MAX_JSON_DEPTH}"):
+        parse_body(b'{"a": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}")

@@ -72,6 +72,10 @@ def test_keys_stay_off_the_command_line_and_sigterm_ends_streams_with_an_error_e
         assert INTERNAL_KEY not in argv and made["ana"] not in argv and str(path) not in argv
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=30) as client:
+            # 60,000 levels of `[` (under the 64 KiB default) with a valid key: was a 500 and a
+            # RecursionError traceback in the gateway's log
+            deep = client.post(url + "/v1/chat/completions", headers=bearer(made["ana"]), content=b"[" * 60_000)
+            assert deep.status_code == 400 and "nests deeper" in deep.text, deep.text
             with client.stream("POST", url + "/v1/chat/completions", headers=bearer(made["ana"]),
                                json={"messages": [], "stream": True, "hold": True}) as reply:
                 chunks = reply.iter_raw()

@@ -157,6 +157,10 @@ def test_filter_config_is_valid_for_dictconfig():
      "guided-decoding field(s) ['guided_choice'], which are ignored", "warning"),
     ("(EngineCore pid=2899) INFO 11-25 05:22:47 [core.py:133] Initializing a V1 LLM engine", "info"),
     ("(Worker pid=2934) DEBUG 11-25 05:23:01 [x.py:1] detail", "debug"),
+    # 0.32.0 under a configuration with vLLM 0.26.0's format: no process name in front
+    ("INFO 12-06 11:10:22 [api_utils.py:286] non-default args: {'host': '127.0.0.1'}", "info"),
+    ("INFO 12-06 11:10:40 [loggers.py:335] Engine 000: Avg prompt throughput: 0.0 tokens/s", "stats"),
+    ("a line that mentions INFO 12-06 11:10:40 [x.py:1] in its middle", "other"),
     ("/VENV/lib/python3.11/site-packages/vllm/entrypoints/openai/api_server.py:24: DeprecationWarning: "
      "`vllm.entrypoints.openai.api_server` is deprecated", "warning"),
     ("[W1125 05:23:01.139645556 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy", "warning"),
@@ -223,3 +227,17 @@ def test_on_a_gpu_a_running_server_is_named_before_anything_starts(monkeypatch):
                         lambda *a, **k: pytest.fail("no server may start"))
     with pytest.raises(TutorialError, match=r"holds: m at http://127.0.0.1:8000.*tutorial.sh stop"):
         log_experiment.run_preset("quiet", gpus=h100)
+
+
+def test_the_generated_config_takes_the_installed_releases_format(tmp_path):
+    # vLLM 0.26.0 (the GPU set) has no process name in its records: 0.32.0's format there would
+    # print a logging error for every line. The format is read from the installed logger.py.
+    from helpers.logs import presets
+
+    old = tmp_path / "vllm"
+    old.mkdir()
+    (old / "logger.py").write_text('_FORMAT = (f"{envs.VLLM_LOGGING_PREFIX}%(levelname)s %(asctime)s "\n'
+                                   '    "[%(fileinfo)s:%(lineno)d] %(message)s")\n')
+    assert presets.log_format(old) == presets.VLLM_FORMAT_0_26
+    (old / "logger.py").write_text('_FORMAT = "(%(vllm_process_name)s pid=%(process)d) %(levelname)s ..."\n')
+    assert presets.log_format(old) == presets.VLLM_FORMAT

@@ -179,7 +179,7 @@ def test_from_settings_on_cpu(model_dir):
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.5"
     assert "--enforce-eager" in args
     assert cfg.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    assert cfg.command_line().startswith("VLLM_CPU_KVCACHE_SPACE=1 python -m ")
+    assert cfg.command_line(style="module").startswith("VLLM_CPU_KVCACHE_SPACE=1 python -m ")
 
 
 def test_from_settings_on_cpu_follows_the_kvcache_variable(model_dir, monkeypatch):
@@ -287,7 +287,7 @@ def test_quiet_log_preset_reaches_args_env_and_command_line(model_dir, tmp_path,
     assert cfg.args()[-1] == "--disable-uvicorn-access-log"
     config_file = tmp_path / "state" / "logging" / "filter-stats-logger.json"
     assert cfg.env["VLLM_LOGGING_CONFIG_PATH"] == str(config_file) and config_file.is_file()
-    line = cfg.command_line()
+    line = cfg.command_line(style="module")
     assert line.startswith("VLLM_CONFIGURE_LOGGING=1 VLLM_CPU_KVCACHE_SPACE=1 "
                            f"VLLM_LOGGING_CONFIG_PATH={config_file} python -m ")
     assert line.endswith(" --disable-uvicorn-access-log")
