@@ -81,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "status":
         from .classroom.service import gateways
 
-        records = server_registry.live()
+        records = server_registry.live()           # a look: ends nothing
         for record in records:
             print(record.describe())
+        for record in server_registry.stale():
+            print(f"stale record: {record.describe()} (its guard is gone; ./tutorial.sh stop cleans it up)")
         for gateway in gateways():
             print(f"gateway {gateway.url} -> {gateway.record.upstream}")
         if not records:
             print("no tutorial server is running")
     else:
+        server_registry.prune()                   # stopping is the explicit clean-up
         for record in server_registry.live():
             print(VLLMServer.attach(record).stop(force=True), "-", record.describe())
     return 0

@@ -15,6 +15,9 @@ a message that names the rule, or rewritten to fit:
 * ``allowed_token_ids`` and ``logit_bias`` may hold at most ``max_allowed_token_ids`` /
   ``max_logit_bias`` entries, ``stop_token_ids`` and ``bad_words`` at most
   ``max_stop_token_ids``, ``stop`` at most ``max_stop`` strings;
+* structured outputs (``structured_outputs``, ``response_format``, ``tools``, the older
+  ``guided_*``) take at most ``max_structured_bytes`` in all, and no counted repetition (``{m,n}``
+  in a regex or grammar, ``maxLength``/``maxItems``... in a schema) above ``max_structured_repeat``;
 * ``/tokenize`` and ``/detokenize`` take only their plain fields (``_TOKEN_FIELDS``): no
   ``chat_template`` or ``chat_template_kwargs``, no tools, no processor arguments;
 * ``/v1/completions`` takes one prompt per request (a list of prompts is a batch: as many
@@ -29,6 +32,7 @@ bytes it received, so the two can never read one request two ways. Everything he
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -46,6 +50,10 @@ class Limits:
     max_stop_token_ids: int = 128         # also the cap on bad_words
     max_stop: int = 16                    # stop strings
     body_timeout: float = 30.0            # seconds to receive a request body (then 408)
+    max_structured_bytes: int = 8 * 1024  # structured_outputs + response_format + tools, as JSON
+    max_structured_repeat: int = 256      # {m,n} in a regex or grammar, maxLength/maxItems in a schema
+    header_timeout: float = 10.0          # seconds for a request's line and headers, or an idle connection (then closed)
+    per_peer_connections: int = 64       # connections open at once from one address (more: closed at once)
     keys_check_interval: float = 1.0      # how often the keys file's mtime is looked at
     health_cache_seconds: float = 1.0     # /health asks vLLM at most this often
 
@@ -177,6 +185,7 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
     _count(body, "stop_token_ids", (list,), limits.max_stop_token_ids, "entries")
     _count(body, "bad_words", (list,), limits.max_stop_token_ids, "entries")
     _count(body, "stop", (list,), limits.max_stop, "strings")
+    _police_structured(body, limits)
     if route == "/v1/completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool)
@@ -204,6 +213,57 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
             del body[name]
             changed.append(f"{name} dropped")
     return body, changed
+
+
+# Fields that make the engine build a grammar (a finite automaton) before the first token: JSON
+# schemas, regexes, grammars, choices, tool schemas (vLLM 0.32.0: `StructuredOutputsParams` in
+# vllm/sampling_params.py; `response_format`, `tools` in the chat protocol; the `guided_*` names
+# are older releases'). Their compilation runs in the engine for every request of the class: a
+# short regex such as `(a|b){0,100000}`, or a schema with `"maxLength": 100000`, asks for an
+# automaton of that size.
+STRUCTURED_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structural_tag")
+_PATTERN_KEYS = {"regex", "grammar", "pattern", "whitespace_pattern", "guided_regex", "guided_grammar"}
+_COUNT_KEYS = {"maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties",
+               "maxContains", "minContains"}
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}|~\s*(\d+)(?:\s*\.\.\s*(\d+))?")
+
+
+def _police_structured(body: dict, limits: Limits) -> None:
+    present = {name: body[name] for name in STRUCTURED_FIELDS if body.get(name) is not None}
+    if not present:
+        return
+    size = len(json.dumps(present, ensure_ascii=False).encode())
+    if size > limits.max_structured_bytes:
+        raise Refused(400, f"{', '.join(present)} take {size} bytes here; this class server accepts at most "
+                           f"{limits.max_structured_bytes} (a schema, regex or grammar that large would hold "
+                           f"the engine for everyone while it compiles)", code="structured_output_too_large",
+                      param=next(iter(present)))
+    for where, key, value in _walk(present, ""):
+        if key in _PATTERN_KEYS and isinstance(value, str):
+            counts = [int(n) for match in _REPEAT.finditer(value) for n in match.groups() if n]
+            worst = max(counts, default=0)
+        elif key in _COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            worst = value
+        else:
+            continue
+        if worst > limits.max_structured_repeat:
+            raise Refused(400, f"{where} asks for {worst} repetitions; this class server accepts at most "
+                               f"{limits.max_structured_repeat} in a structured output (each one is a state "
+                               f"of the automaton the engine builds)", code="structured_output_too_complex",
+                          param=where.split(".")[0].split("[")[0])
+
+
+def _walk(value, where: str):
+    """(path, key, value) for every entry of nested dicts and lists (depth is bounded: parse_body)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            yield path, key, item
+            yield from _walk(item, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk(item, f"{where}[{i}]")
 
 
 def _police_tokens(body: dict, route: str) -> dict:

@@ -409,7 +409,9 @@ def _refuse_network_host(host: str) -> None:
 
 
 def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:
-    """A running server that serves the same model under the same name (and port, if asked)."""
+    """A running server that serves the same model under the same name (and port, if asked).
+    Starting is where dead servers' records are cleaned up (``registry.prune``)."""
+    registry.prune(log=progress)
     for record in registry.live(log=progress):
         same = record.served_model_name == config.name and record.model == config.model
         if same and (settings.port is None or record.port == settings.port):

@@ -153,8 +153,14 @@ def prune(root: Path | None = None, log: Callable[[str], None] = print) -> list[
 
 
 def live(root: Path | None = None, log: Callable[[str], None] = print) -> list[ServerRecord]:
-    prune(root, log)
+    """The records whose guard runs. A look only: it ends nothing and removes nothing (``prune``
+    does, when a server is started or stopped)."""
     return [r for r in load_all(root, log) if guard_alive(r)]
+
+
+def stale(root: Path | None = None, log: Callable[[str], None] = print) -> list[ServerRecord]:
+    """The records whose guard is gone (what ``prune`` would clean up), without touching them."""
+    return [r for r in load_all(root, log) if not guard_alive(r)]
 
 
 @contextlib.contextmanager

@@ -253,7 +253,15 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
                ({"bad_words": ["w"] * 129}, "too_many_bad_words"),
                ({"stop": ["s"] * 17}, "too_many_stop"),
                ({"prompt_embeds": "AAAA"}, "field_not_allowed"),
-               ({"kv_transfer_params": {"do_remote_decode": True}}, "field_not_allowed")]
+               ({"kv_transfer_params": {"do_remote_decode": True}}, "field_not_allowed"),
+               ({"structured_outputs": {"regex": "[a-z]{1,5000}"}}, "structured_output_too_complex"),
+               ({"guided_grammar": 'start: "a" ~ 3..9999'}, "structured_output_too_complex"),
+               ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                   "type": "object", "properties": {"xs": {"type": "array", "maxItems": 10_000}}}}}]},
+                "structured_output_too_complex"),
+               ({"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": {
+                   "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(400)}}}}},
+                "structured_output_too_large")]
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
         key = bearer(made["ana"])
         for extra, code in refused:
@@ -269,7 +277,11 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
         assert client.post("/v1/chat/completions", headers=key, json=fine).status_code == 200
         assert client.post("/v1/completions", headers=key, json={"prompt": [1, 2, 3]}).status_code == 200
         assert client.post("/v1/completions", headers=key, json={"prompt": ["one"]}).status_code == 200
-    assert len(generation_requests(fake)) == 3
+        small = chat(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}}}}},
+            structured_outputs=None)
+        assert client.post("/v1/chat/completions", headers=key, json=small).status_code == 200
+    assert len(generation_requests(fake)) == 4
 
 
 def test_max_tokens_n_and_best_of_are_capped_and_the_answer_says_so(fake, class_keys):

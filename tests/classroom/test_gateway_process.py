@@ -4,6 +4,7 @@ it follows ends. Against the fake vLLM of classroom_support (no model)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -160,3 +161,105 @@ def test_start_gateway_refuses_a_vllm_reachable_from_the_network(tmp_path):
     exposed = SimpleNamespace(config=SimpleNamespace(host="0.0.0.0", api_key="k"), record=None, alive=True)
     with pytest.raises(GatewayError, match="start it with host 127.0.0.1"):
         start_gateway(exposed, host="127.0.0.1", keys_path=path)
+
+
+# --------------------------------------------------------------------------- a hostile peer
+def _started(fake, tmp_path, *limits: str):
+    path, made = make_keys(tmp_path, "ana", "ben")
+    port = free_port()
+    gw = Gateway(["--host", "127.0.0.1", "--port", str(port), "--upstream", fake.url, *limits],
+                 {KEYS_VARIABLE: str(path), INTERNAL_KEY_VARIABLE: INTERNAL_KEY})
+    assert gw.ready(), gw.text()
+    return gw, port, made
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""          # non-blocking: b"" once the server closed it
+    except BlockingIOError:
+        return False
+    except OSError:                         # reset (the gateway aborts refused connections)
+        return True
+
+
+def _hostile_sockets(port: int, count: int, first_bytes: bytes) -> list[socket.socket]:
+    """``count`` connections from 127.0.0.2 (another address than the student's 127.0.0.1, as
+    another machine on the class network would be), each sending ``first_bytes`` and then nothing."""
+    made = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", port))
+        with contextlib.suppress(OSError):              # refused ones may already be reset
+            sock.sendall(first_bytes)
+        sock.setblocking(False)
+        made.append(sock)
+    return made
+
+
+def test_six_hundred_half_sent_request_lines_do_not_shut_out_the_class(fake, tmp_path):
+    # Seen before this guard: 600 sockets that each sent half a request line got every student a
+    # 503 until they closed (uvicorn counted them against limit_concurrency and never timed them out).
+    gw, port, made = _started(fake, tmp_path, "--header-timeout", "3", "--per-peer-connections", "32")
+    hostile: list[socket.socket] = []
+    try:
+        hostile = _hostile_sockets(port, 600, b"POST /v1/chat/completions HT")
+        # at most 32 of them are held; every other one was closed at once
+        assert wait_for(lambda: sum(not _closed_by_the_server(s) for s in hostile) <= 32, 30)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for name in ("ana", "ben"):
+                reply = client.post("/v1/chat/completions", headers=bearer(made[name]),
+                                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+                assert reply.status_code == 200, reply.text
+        # the 32 it held are closed once they miss the header timeout; nothing was logged as an error
+        assert wait_for(lambda: all(_closed_by_the_server(s) for s in hostile), 30)
+        assert "127.0.0.2 has 32 open, the most one address may hold" in gw.text()
+        assert "Traceback" not in gw.text() and "Exceeded concurrency limit" not in gw.text()
+    finally:
+        for sock in hostile:
+            sock.close()
+        gw.close()
+
+
+def test_an_idle_connection_is_closed_but_a_long_stream_is_not(fake, tmp_path):
+    gw, port, made = _started(fake, tmp_path, "--header-timeout", "2")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            # a stream that lasts longer than the header timeout (12 events 0.5 s apart) ends whole
+            with client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                               json={"messages": [], "stream": True, "max_tokens": 12, "gap": 0.5}) as reply:
+                body = b"".join(reply.iter_raw())
+            assert body.count(b"data: ") == 13 and body.endswith(b"data: [DONE]\n\n")
+        # a connection that never sends a request is closed after the timeout
+        idle = _hostile_sockets(port, 1, b"")
+        assert wait_for(lambda: _closed_by_the_server(idle[0]), 30)
+        idle[0].close()
+    finally:
+        gw.close()
+
+
+def test_a_slow_upload_holds_one_of_its_keys_places(fake, tmp_path):
+    # The key's concurrency is counted before the body is read: five slow uploads on one key get
+    # the fifth a 429 at once, and another key is served meanwhile.
+    gw, port, made = _started(fake, tmp_path, "--per-key-concurrency", "4", "--body-timeout", "60")
+    uploads: list[socket.socket] = []
+    try:
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {made['ana']}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode()
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(head)
+            uploads.append(sock)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            def fifth_is_refused() -> bool:
+                reply = client.post("/v1/chat/completions", headers=bearer(made["ana"]),
+                                    json={"messages": [], "max_tokens": 4})
+                return reply.status_code == 429 and "too_many_concurrent_requests" in reply.text
+            assert wait_for(fifth_is_refused, 30)
+            reply = client.post("/v1/chat/completions", headers=bearer(made["ben"]),
+                                json={"messages": [], "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+    finally:
+        for sock in uploads:
+            sock.close()
+        gw.close()

@@ -92,6 +92,35 @@ def test_the_engine_killing_allowed_token_ids_never_reach_vllm(classroom):
     assert server.health()
 
 
+def test_structured_outputs_the_engine_would_compile_for_long_are_refused_and_small_ones_answered(classroom):
+    import json
+
+    server, gateway, _, made, _ = classroom
+    url = gateway.url + "/v1/chat/completions"
+    key = {"Authorization": f"Bearer {made['bo']}"}
+    chat = {"model": server.name, "messages": [{"role": "user", "content": "Give a colour as JSON."}],
+            "max_tokens": 40, "temperature": 0}
+
+    def schema(max_length):
+        return {"type": "json_schema", "json_schema": {"name": "colour", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "maxLength": max_length}},
+            "required": ["colour"], "additionalProperties": False}}}
+
+    before = server.log_text().count("POST /v1/chat/completions")
+    for extra, code in [({"response_format": schema(100_000)}, "structured_output_too_complex"),
+                        ({"structured_outputs": {"regex": "(a|b){0,100000}"}}, "structured_output_too_complex"),
+                        ({"structured_outputs": {"choice": ["x" * 100] * 100}}, "structured_output_too_large")]:
+        reply = requests.post(url, json={**chat, **extra}, headers=key, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == code, reply.text
+    assert server.log_text().count("POST /v1/chat/completions") == before      # none reached vLLM
+    # a small schema passes, and the engine holds the answer to it
+    reply = requests.post(url, json={**chat, "response_format": schema(12)}, headers=key, timeout=300)
+    assert reply.status_code == 200, reply.text
+    answer = json.loads(reply.json()["choices"][0]["message"]["content"])
+    assert set(answer) == {"colour"} and len(answer["colour"]) <= 12
+    assert server.health()
+
+
 def test_stop_through_the_gateway_makes_vllm_abort_the_request(classroom):
     server, gateway, _, made, _ = classroom
     stream = requests_chat(student(gateway, server, made["bo"]), "Tell a long story.", max_tokens=CAP,

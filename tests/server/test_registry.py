@@ -217,6 +217,22 @@ def test_prune_kills_the_leftovers_of_a_dead_server_and_drops_its_record(tmp_pat
         kill_group(leader.pid)
 
 
+def test_a_look_ends_nothing_only_prune_does(tmp_path):
+    # `./tutorial.sh status` (live(), stale()) only looks: the dead server's leftover survives it,
+    # and is ended by the explicit clean-up (prune: run by a start or by ./tutorial.sh stop).
+    leader, leftover = orphaned_group(tmp_path, marker="dead-server")
+    try:
+        dead = record(guard_pid=leader.pid, server_id="dead-server", port=8557)
+        registry.save(dead, root=tmp_path)
+        assert registry.live(root=tmp_path) == [] and registry.stale(root=tmp_path) == [dead]
+        time.sleep(0.3)
+        assert alive(leftover) and registry.load_all(root=tmp_path) == [dead]
+        assert registry.prune(root=tmp_path, log=lambda _m: None) == [dead]
+        assert wait_for(lambda: not alive(leftover), 5)
+    finally:
+        kill_group(leader.pid)
+
+
 def test_prune_never_touches_a_process_that_only_reuses_the_group_id(tmp_path):
     # The record outlived its server; the group id now belongs to an unrelated process (a
     # Jupyter kernel leads its own group): it carries no marker, and stays alive.
