@@ -132,5 +132,9 @@ class GatewayError(TutorialError):
     """The class gateway could not start, or was asked to do something unsafe (the message says which)."""
 
 
+class NoStudentKeysError(GatewayError):
+    """A class server asked for with no student key to let anyone in: it is not started."""
+
+
 class LoadTestError(TutorialError, ValueError):
     """A load that cannot be run as asked (no users, a limit that is not positive ...)."""

@@ -419,27 +419,21 @@ async def _stream_sdk(client, request: dict, answer: _Collector) -> None:
 # --------------------------------------------------------------------------- the run
 @dataclass
 class _Run:
+    """One load as it runs: the target, the ``LoadSpec`` (its options read as attributes of the run),
+    and what has been measured so far."""
+
     endpoint: Endpoint
-    users: int
-    turns: int
-    max_tokens: int
-    duration_limit: float
+    spec: "LoadSpec"
     conversations: tuple[tuple[str, ...], ...]
-    system_prompt: str | None
-    temperature: float
-    ignore_eos: bool
-    extra_body: dict | None
-    think_time: float
-    ramp_up: float
-    request_timeout: float
-    reader: str
-    progress: Callable[[str], None] | None
-    api_keys: tuple[str, ...]
-    progress_every: float
     records: list[RequestResult] = field(default_factory=list)
     streaming: int = 0
     lags: list[float] = field(default_factory=list)
     t0: float = 0.0
+
+    def __getattr__(self, name: str):
+        if name == "spec":                    # not set yet (dataclass init): no recursion
+            raise AttributeError(name)
+        return getattr(self.spec, name)
 
     def request(self, messages: list[dict]) -> dict:
         extra = dict(self.extra_body or {})
@@ -595,35 +589,11 @@ def _conversations(prompts) -> tuple[tuple[str, ...], ...]:
     return tuple(result)
 
 
-def _prepare(target, users, *, turns, max_tokens, duration_limit, prompts, system_prompt, temperature,
-             ignore_eos, extra_body, think_time, ramp_up, request_timeout, reader, progress, progress_every,
-             model, api_key, api_keys=None) -> _Run:
-    endpoint = as_endpoint(target, model, api_key)
-    if not isinstance(users, int) or not 1 <= users <= MAX_USERS:
-        raise LoadTestError(f"users must be a whole number from 1 to {MAX_USERS}, got {users!r}")
-    if not isinstance(turns, int) or not 1 <= turns <= MAX_TURNS:
-        raise LoadTestError(f"turns must be a whole number from 1 to {MAX_TURNS}, got {turns!r}")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise LoadTestError(f"max_tokens must be a positive whole number, got {max_tokens!r}")
-    for name, value in (("duration_limit", duration_limit), ("request_timeout", request_timeout),
-                        ("progress_every", progress_every)):
-        if not value > 0:
-            raise LoadTestError(f"{name} must be a positive number of seconds, got {value!r}")
-    if think_time < 0 or ramp_up < 0:
-        raise LoadTestError("think_time and ramp_up cannot be negative")
-    if reader not in ("sse", "sdk"):
-        raise LoadTestError(f"reader is 'sse' (the helpers' reader) or 'sdk' (the SDK's objects), got {reader!r}")
-    return _Run(endpoint=endpoint, users=users, turns=turns, max_tokens=max_tokens,
-                duration_limit=float(duration_limit), conversations=_conversations(prompts),
-                system_prompt=system_prompt, temperature=temperature, ignore_eos=ignore_eos,
-                extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
-                request_timeout=request_timeout, reader=reader, progress=progress,
-                progress_every=progress_every, api_keys=tuple(api_keys or ()))
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one load asks for; checked when made (``LoadTestError`` names the bad value).
 
-
-_DOC_ARGS = """
-    ``target``: a ``helpers.endpoint.Endpoint``, a server (``get_server()``), or a base URL with
-    ``model=``. ``users``: simulated users, all at once (``ramp_up`` seconds spreads their starts).
+    ``users``: simulated users, all at once (``ramp_up`` seconds spreads their starts).
     ``turns``: requests per user, each after the previous answer (a follow-up carries it).
     ``max_tokens``: per answer. ``duration_limit``: the hard limit in seconds; requests still
     running then are cancelled (their streams closed: vLLM aborts them) and counted as
@@ -635,54 +605,85 @@ _DOC_ARGS = """
     user waits between turns. ``request_timeout``: seconds without a byte before a request
     counts as a ``timeout`` error. ``progress``: a function taking one line (``print``), called
     every ``progress_every`` seconds and at the end. ``reader``: ``"sse"`` (default) or ``"sdk"``.
-    ``api_keys``: one key per simulated user, in turn (a class gateway limits each key's streams);
-    otherwise every user sends the target's key (or ``api_key``).
-"""
+    ``model``, ``api_key``: for a target given as a URL. ``api_keys``: one key per simulated
+    user, in turn (a class gateway limits each key's streams); otherwise every user sends the
+    target's key.
+    """
+
+    users: int
+    turns: int = 2
+    max_tokens: int = 128
+    duration_limit: float = 120.0
+    prompts: Sequence[str | Sequence[str]] | None = None
+    system_prompt: str | None = SYSTEM_PROMPT
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    extra_body: dict | None = None
+    think_time: float = 0.0
+    ramp_up: float = 0.0
+    request_timeout: float = 60.0
+    reader: str = "sse"
+    progress: Callable[[str], None] | None = None
+    progress_every: float = 5.0
+    model: str | None = None
+    api_key: str | None = None
+    api_keys: Sequence[str] = ()
+
+    def __post_init__(self):
+        users, turns, max_tokens = self.users, self.turns, self.max_tokens
+        if not isinstance(users, int) or not 1 <= users <= MAX_USERS:
+            raise LoadTestError(f"users must be a whole number from 1 to {MAX_USERS}, got {users!r}")
+        if not isinstance(turns, int) or not 1 <= turns <= MAX_TURNS:
+            raise LoadTestError(f"turns must be a whole number from 1 to {MAX_TURNS}, got {turns!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise LoadTestError(f"max_tokens must be a positive whole number, got {max_tokens!r}")
+        for name in ("duration_limit", "request_timeout", "progress_every"):
+            if not getattr(self, name) > 0:
+                raise LoadTestError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
+        if self.think_time < 0 or self.ramp_up < 0:
+            raise LoadTestError("think_time and ramp_up cannot be negative")
+        if self.reader not in ("sse", "sdk"):
+            raise LoadTestError(f"reader is 'sse' (the helpers' reader) or 'sdk' (the SDK's objects), "
+                                f"got {self.reader!r}")
+        object.__setattr__(self, "duration_limit", float(self.duration_limit))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys or ()))
+        _conversations(self.prompts)          # checked now, not when the load is half run
 
 
-async def run_load_async(target: Any, users: int, *, turns: int = 2, max_tokens: int = 128,
-                         duration_limit: float = 120.0, prompts: Sequence[str | Sequence[str]] | None = None,
-                         system_prompt: str | None = SYSTEM_PROMPT, temperature: float = 0.0,
-                         ignore_eos: bool = False, extra_body: dict | None = None, think_time: float = 0.0,
-                         ramp_up: float = 0.0, request_timeout: float = 60.0, reader: str = "sse",
-                         progress: Callable[[str], None] | None = None, progress_every: float = 5.0,
-                         model: str | None = None, api_key: str | None = None,
-                         api_keys: Sequence[str] | None = None) -> LoadResult:
+def _spec(users: int | LoadSpec | None, options: dict) -> LoadSpec:
+    if isinstance(users, LoadSpec):
+        return replace(users, **options) if options else users
+    if users is None:
+        raise LoadTestError("say how many users (run_load(target, 4, ...)) or give a LoadSpec")
+    return LoadSpec(users, **options)
+
+
+def _prepare(target, spec: LoadSpec) -> _Run:
+    return _Run(endpoint=as_endpoint(target, spec.model, spec.api_key), spec=spec,
+                conversations=_conversations(spec.prompts))
+
+
+async def run_load_async(target: Any, users: int | LoadSpec | None = None, **options: Any) -> LoadResult:
     """``await`` form of ``run_load`` (inside a running event loop)."""
-    run = _prepare(target, users, turns=turns, max_tokens=max_tokens, duration_limit=duration_limit,
-                   prompts=prompts, system_prompt=system_prompt, temperature=temperature,
-                   ignore_eos=ignore_eos, extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
-                   request_timeout=request_timeout, reader=reader, progress=progress,
-                   progress_every=progress_every, model=model, api_key=api_key, api_keys=api_keys)
-    return await run.run()
+    return await _prepare(target, _spec(users, options)).run()
 
 
-def run_load(target: Any, users: int, *, turns: int = 2, max_tokens: int = 128, duration_limit: float = 120.0,
-             prompts: Sequence[str | Sequence[str]] | None = None, system_prompt: str | None = SYSTEM_PROMPT,
-             temperature: float = 0.0, ignore_eos: bool = False, extra_body: dict | None = None,
-             think_time: float = 0.0, ramp_up: float = 0.0, request_timeout: float = 60.0,
-             reader: str = "sse", progress: Callable[[str], None] | None = None, progress_every: float = 5.0,
-             model: str | None = None, api_key: str | None = None,
-             api_keys: Sequence[str] | None = None) -> LoadResult:
+def run_load(target: Any, users: int | LoadSpec | None = None, **options: Any) -> LoadResult:
     """Run ``users`` simulated users against ``target`` and return what they measured.
+
+    ``target``: a ``helpers.endpoint.Endpoint``, a server (``get_server()``), or a base URL with
+    ``model=``. ``users``: a number of users with ``LoadSpec``'s options as keywords
+    (``run_load(server, 4, turns=1, max_tokens=64)``), or a ``LoadSpec``.
 
     Works in a plain script and in a notebook cell alike (where an event loop already runs,
     the load runs in its own thread; interrupting the kernel cancels it and closes its streams).
     """
-    run = _prepare(target, users, turns=turns, max_tokens=max_tokens, duration_limit=duration_limit,
-                   prompts=prompts, system_prompt=system_prompt, temperature=temperature,
-                   ignore_eos=ignore_eos, extra_body=extra_body, think_time=think_time, ramp_up=ramp_up,
-                   request_timeout=request_timeout, reader=reader, progress=progress,
-                   progress_every=progress_every, model=model, api_key=api_key, api_keys=api_keys)
+    run = _prepare(target, _spec(users, options))
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(run.run())
     return _in_thread(run)
-
-
-run_load.__doc__ += _DOC_ARGS
-run_load_async.__doc__ += _DOC_ARGS
 
 
 def _in_thread(run: _Run) -> LoadResult:

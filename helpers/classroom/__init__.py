@@ -15,7 +15,9 @@ host starts both; notebook 08 shows each piece.)
 * ``gateway``: the ASGI app (``make_app``; Starlette, httpx, uvicorn, all installed with vLLM)
   and ``python -m helpers.classroom.gateway``;
 * ``service``: ``start_gateway(server, host=...)`` runs the gateway under the project's guard,
-  ending with its owner and with its server; ``gateways()`` lists the running ones.
+  ending with its owner and with its server; ``gateways()`` lists the running ones;
+  ``start_class_server(settings)`` starts both pieces as ``./tutorial.sh serve`` does;
+* ``connections``: the gateway's bounds on what a peer holds before sending a whole request.
 
     from helpers import get_server
     from helpers.classroom import create_keys, start_gateway
@@ -28,7 +30,7 @@ host starts both; notebook 08 shows each piece.)
 _EXPORTS = {
     "make_app": "gateway", "KeysError": "keys", "create_keys": "keys", "revoke": "keys", "students": "keys",
     "Limits": "policy", "GatewayError": "service", "GatewayProcess": "service", "gateways": "service",
-    "start_gateway": "service",
+    "start_gateway": "service", "start_class_server": "service", "ClassServer": "service",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -222,3 +222,57 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
     progress(f"  gateway ready: {gateway.url} serves {server.name!r}" + ("" if healthy else
              " (its /health says vLLM is not answering yet)"))
     return gateway
+
+
+# --------------------------------------------------------------------------- a whole class server
+@dataclass(frozen=True)
+class ClassServer:
+    """vLLM on loopback with an internal key, and the gateway in front of it."""
+
+    server: object                  # helpers.server.lifecycle.VLLMServer
+    gateway: GatewayProcess
+    keys_path: Path
+    students: int                   # active keys when it started
+
+
+def class_internal_key(folder: Path) -> str:
+    """vLLM's key behind the gateway: made once, kept private (mode 600), reused by the next start."""
+    path = folder / "internal.key"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def start_class_server(settings=None, *, detached: bool = True) -> ClassServer:
+    """What ``./tutorial.sh serve`` does when ``host`` is a network address: vLLM on 127.0.0.1
+    with the internal key (``get_server``: a running one with the same settings is reused), then
+    the gateway on ``settings.host`` (port ``settings.port`` or 8080) with the students' keys file.
+    Refused (``NoStudentKeysError``) while that file holds no active key: nobody could get in,
+    and a server on the network without keys is what this package never starts."""
+    from dataclasses import replace
+
+    from ..errors import NoStudentKeysError, TutorialError
+    from ..server.lifecycle import get_server
+    from ..settings import load_settings
+
+    settings = settings or load_settings()
+    keys_path = keyfile.default_keys_path()
+    try:
+        active = keyfile.read_table(keys_path).active
+    except TutorialError as err:
+        active, why = {}, str(err)
+    else:
+        why = "it holds no active key"
+    if not active:
+        raise NoStudentKeysError(
+            f"refused: a server on {settings.host} is reachable from other machines, so every request needs a "
+            f"student's key, and there is none ({keys_path}: {why}). Make them first:\n"
+            f"  ./tutorial.sh keys create --url http://<this machine's address>:{settings.port or 8080} --count 30")
+    key = class_internal_key(keyfile.default_dir())
+    server = get_server(replace(settings, host="127.0.0.1", port=None, api_key=key), detached=detached)
+    gateway = start_gateway(server, host=settings.host, port=settings.port or 8080, keys_path=keys_path,
+                            internal_key=key, detached=detached)
+    return ClassServer(server, gateway, keys_path, len(active))
