@@ -9,9 +9,10 @@ closed. Anyone on the class network can do that with a few lines of Python.
 
 * **per peer address**: at most ``per_peer`` connections open at once; one more is closed at once
   (before a byte is read), so one machine cannot take the server's connection budget;
-* **time to a whole request head**: a connection that has no request in progress (just opened, or
-  idle after an answer) must deliver a complete request line and headers within
-  ``header_timeout`` seconds, or it is closed. A request in progress (a long stream) is never cut.
+* **time to a whole request head**: a new connection must deliver a complete request line and
+  headers within ``header_timeout`` seconds, or it is closed; after an answer, uvicorn's keep-alive
+  timeout closes an idle connection, and a next head that stalls is closed ``header_timeout``
+  after that. A request in progress (a long stream) is never cut.
 
 Bodies are bounded by the gateway itself (size, time, and the key's concurrency, counted before
 the body is read). The subclass uses uvicorn's ``H11Protocol`` hooks ``connection_made``,
@@ -29,8 +30,14 @@ from typing import Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-def guarded_h11(header_timeout: float, per_peer: int, log: Callable[[str], None]) -> type[H11Protocol]:
-    """An ``H11Protocol`` class with the two bounds above (pass it as uvicorn's ``http=``)."""
+def guarded_h11(header_timeout: float, per_peer: int, log: Callable[[str], None],
+                idle_timeout: float = 15.0) -> type[H11Protocol]:
+    """An ``H11Protocol`` class with the two bounds above (pass it as uvicorn's ``http=``, with
+    ``ws="none"``: a WebSocket upgrade hands the socket to another protocol object, whose end this
+    one would never see, so the peer's count would never come down). ``idle_timeout`` is
+    uvicorn's ``timeout_keep_alive``: after an answer, uvicorn closes an idle connection itself
+    (gracefully) at that time; a next request's head that starts and then stalls is closed
+    ``header_timeout`` later."""
     open_by_peer: Counter[str] = Counter()
     told: dict[str, float] = {}           # peer -> when we last logged its refusal (once a minute)
 
@@ -53,9 +60,9 @@ def guarded_h11(header_timeout: float, per_peer: int, log: Callable[[str], None]
             self._peer = peer
             self._arm()
 
-        def _arm(self) -> None:
+        def _arm(self, after: float = header_timeout) -> None:
             self._disarm()
-            self._timer = self.loop.call_later(header_timeout, self._head_late)
+            self._timer = self.loop.call_later(after, self._head_late)
 
         def _disarm(self) -> None:
             if self._timer is not None:
@@ -68,7 +75,7 @@ def guarded_h11(header_timeout: float, per_peer: int, log: Callable[[str], None]
         def _head_late(self) -> None:
             self._timer = None
             if self._waiting_for_a_head() and not self.transport.is_closing():
-                self.transport.abort()
+                self.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
@@ -78,7 +85,7 @@ def guarded_h11(header_timeout: float, per_peer: int, log: Callable[[str], None]
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and self._waiting_for_a_head():
-                self._arm()                          # the next request's head, in time, or close
+                self._arm(idle_timeout + header_timeout)   # uvicorn closes it idle first; a stalled head, then
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

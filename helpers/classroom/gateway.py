@@ -28,8 +28,10 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   (a request still waiting for its answer gets the 401 itself). A keys file that turns
   unreadable refuses every new request (503) until it is fixed: never fail open.
 * **Fairness**: at most ``per_key_concurrency`` generation requests open per key and
-  ``global_concurrency`` in all (429 beyond, at once, with the reason); bodies are limited in
-  size and time, and policed (``policy``).
+  ``global_concurrency`` in all (429 beyond, at once, with the reason), counted before a body is
+  read; bodies are limited in size, time and nesting, and policed (``policy``). Before any of
+  that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
+  must arrive within ``header_timeout`` (``connections``); no WebSockets.
 * **Cancelling** is passed on: a student who closes the connection (the notebook's Stop
   button) closes the gateway's connection to vLLM, and vLLM aborts the request. vLLM's answer
   is read by a task of its own into a queue, so a revocation or a disconnect also interrupts a
@@ -640,9 +642,10 @@ async def _serve(app: Starlette, sock: socket.socket, url: str, args) -> None:
     # (connections.py): uvicorn alone let 600 half-sent request lines shut out the class. Its
     # limit_concurrency (a 503 for everyone beyond it) stays as the last resort, well above what
     # one peer may hold.
-    protocol = guarded_h11(limits.header_timeout, limits.per_peer_connections, gateway.log)
-    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=15,
+    keep_alive = 15
+    protocol = guarded_h11(limits.header_timeout, limits.per_peer_connections, gateway.log, keep_alive)
+    config = uvicorn.Config(app, http=protocol, ws="none", log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive,
                             limit_concurrency=max(1024, 4 * limits.global_concurrency, 4 * limits.per_peer_connections))
     server = _Server(config)
     server.gateway, server.loop = gateway, asyncio.get_running_loop()

@@ -15,9 +15,10 @@ a message that names the rule, or rewritten to fit:
 * ``allowed_token_ids`` and ``logit_bias`` may hold at most ``max_allowed_token_ids`` /
   ``max_logit_bias`` entries, ``stop_token_ids`` and ``bad_words`` at most
   ``max_stop_token_ids``, ``stop`` at most ``max_stop`` strings;
-* structured outputs (``structured_outputs``, ``response_format``, ``tools``, the older
-  ``guided_*``) take at most ``max_structured_bytes`` in all, and no counted repetition (``{m,n}``
-  in a regex or grammar, ``maxLength``/``maxItems``... in a schema) above ``max_structured_repeat``;
+* structured outputs (``structured_outputs``, ``response_format``, ``tools`` when a call is
+  forced, the older ``guided_*``) take at most ``max_structured_bytes`` in all, and no counted
+  repetition (``{m,n}`` in a regex or grammar, ``maxLength``/``maxItems``... in a schema,
+  multiplied where they nest) above ``max_structured_repeat``;
 * ``/tokenize`` and ``/detokenize`` take only their plain fields (``_TOKEN_FIELDS``): no
   ``chat_template`` or ``chat_template_kwargs``, no tools, no processor arguments;
 * ``/v1/completions`` takes one prompt per request (a list of prompts is a batch: as many
@@ -51,7 +52,7 @@ class Limits:
     max_stop: int = 16                    # stop strings
     body_timeout: float = 30.0            # seconds to receive a request body (then 408)
     max_structured_bytes: int = 8 * 1024  # structured_outputs + response_format + tools, as JSON
-    max_structured_repeat: int = 256      # {m,n} in a regex or grammar, maxLength/maxItems in a schema
+    max_structured_repeat: int = 1024     # {m,n} in a regex or grammar, maxLength/maxItems in a schema, multiplied where nested
     header_timeout: float = 10.0          # seconds for a request's line and headers, or an idle connection (then closed)
     per_peer_connections: int = 64       # connections open at once from one address (more: closed at once)
     keys_check_interval: float = 1.0      # how often the keys file's mtime is looked at
@@ -215,22 +216,63 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
     return body, changed
 
 
-# Fields that make the engine build a grammar (a finite automaton) before the first token: JSON
-# schemas, regexes, grammars, choices, tool schemas (vLLM 0.32.0: `StructuredOutputsParams` in
-# vllm/sampling_params.py; `response_format`, `tools` in the chat protocol; the `guided_*` names
-# are older releases'). Their compilation runs in the engine for every request of the class: a
-# short regex such as `(a|b){0,100000}`, or a schema with `"maxLength": 100000`, asks for an
-# automaton of that size.
-STRUCTURED_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "structural_tag")
+# Fields that make the engine build a grammar (an automaton) before the first token: JSON schemas,
+# regexes, grammars, choices, structural tags, and tool schemas when a tool call is forced
+# (vLLM 0.32.0: `StructuredOutputsParams` in vllm/sampling_params.py, whose `json` and
+# `structural_tag` may be JSON in a string; `response_format` and `tools` in the chat protocol; the
+# `guided_*` names are older releases'). The automaton is built in the engine, for the whole
+# class: a short regex such as `(a|b){0,100000}`, a schema with `"maxLength": 100000`, or counts
+# that multiply when nested (`((a{250}){250}){250}`, arrays in arrays) ask for one of that size.
+STRUCTURED_FIELDS = ("structured_outputs", "response_format", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
 _PATTERN_KEYS = {"regex", "grammar", "pattern", "whitespace_pattern", "guided_regex", "guided_grammar"}
 _COUNT_KEYS = {"maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties",
                "maxContains", "minContains"}
-_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}|~\s*(\d+)(?:\s*\.\.\s*(\d+))?")
+_JSON_IN_A_STRING = {"json", "structural_tag", "guided_json", "schema", "json_schema"}
+_QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}|~\s*(\d+)(?:\s*\.\.\s*(\d+))?")
+
+
+def pattern_repeats(pattern: str) -> int:
+    """The largest product of counted repetitions nested in ``pattern`` (``{m,n}``, ``{,n}``, and
+    a Lark grammar's ``~ m..n``): ``(a{3}){4}`` gives 12, ``a{3}b{4}`` gives 4."""
+    stack = [1]                    # per open group: the largest product inside it so far
+    last = 1                       # the value of the item just read (a group's inner product, or 1)
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        match = _QUANTIFIER.match(pattern, i)
+        if char == "\\":
+            last, i = 1, i + 2
+            continue
+        if char == "[":                                   # a character class is one item
+            end = i + 1
+            while end < len(pattern) and pattern[end] != "]":
+                end += 2 if pattern[end] == "\\" else 1
+            last, i = 1, end + 1
+            continue
+        if char == "(":
+            stack.append(1)
+            last = 1
+        elif char == ")" and len(stack) > 1:
+            last = stack.pop()
+        elif match:
+            count = max(int(n) for n in match.groups() if n) if any(match.groups()) else 1
+            last = last * count
+            stack[-1] = max(stack[-1], last)
+            i = match.end()
+            continue
+        else:
+            last = 1
+        stack[-1] = max(stack[-1], last)
+        i += 1
+    return max(stack)
 
 
 def _police_structured(body: dict, limits: Limits) -> None:
     present = {name: body[name] for name in STRUCTURED_FIELDS if body.get(name) is not None}
+    forced = body.get("tool_choice")
+    if body.get("tools") and (forced == "required" or isinstance(forced, dict)):
+        present["tools"] = body["tools"]              # a forced call: the tools' schemas become a grammar
     if not present:
         return
     size = len(json.dumps(present, ensure_ascii=False).encode())
@@ -239,31 +281,60 @@ def _police_structured(body: dict, limits: Limits) -> None:
                            f"{limits.max_structured_bytes} (a schema, regex or grammar that large would hold "
                            f"the engine for everyone while it compiles)", code="structured_output_too_large",
                       param=next(iter(present)))
-    for where, key, value in _walk(present, ""):
-        if key in _PATTERN_KEYS and isinstance(value, str):
-            counts = [int(n) for match in _REPEAT.finditer(value) for n in match.groups() if n]
-            worst = max(counts, default=0)
-        elif key in _COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
-            worst = value
-        else:
-            continue
-        if worst > limits.max_structured_repeat:
-            raise Refused(400, f"{where} asks for {worst} repetitions; this class server accepts at most "
-                               f"{limits.max_structured_repeat} in a structured output (each one is a state "
-                               f"of the automaton the engine builds)", code="structured_output_too_complex",
-                          param=where.split(".")[0].split("[")[0])
+    where, worst = _largest_repeat(present, "", 1)
+    if worst > limits.max_structured_repeat:
+        raise Refused(400, f"{where} asks for {worst:,} repetitions (counts multiplied where they nest); this class "
+                           f"server accepts at most {limits.max_structured_repeat:,} in a structured output (each "
+                           f"one is a state of the automaton the engine builds)",
+                      code="structured_output_too_complex", param=where.split(".")[0].split("[")[0])
 
 
-def _walk(value, where: str):
-    """(path, key, value) for every entry of nested dicts and lists (depth is bounded: parse_body)."""
+def _largest_repeat(value, where: str, outer: int) -> tuple[str, int]:
+    """(where, product) of the largest repetition count in ``value``: patterns' nested quantifiers,
+    and schema counts multiplied along the nesting (``outer``: the product of the enclosing ones).
+    JSON sent as a string (``"json": "{...}"``) is read and looked into too."""
+    best = (where, outer)
     if isinstance(value, dict):
+        local = max((v for k, v in value.items() if k in _COUNT_KEYS and isinstance(v, int)
+                     and not isinstance(v, bool)), default=1)
+        inner = outer * max(local, 1)
+        if inner > best[1]:
+            best = (where, inner)
         for key, item in value.items():
             path = f"{where}.{key}" if where else str(key)
-            yield path, key, item
-            yield from _walk(item, path)
+            if key == "patternProperties" and isinstance(item, dict):      # the keys are regexes
+                for regex in item:
+                    found = inner * pattern_repeats(regex)
+                    if found > best[1]:
+                        best = (f"{path}[{regex!r}]", found)
+            if isinstance(item, str) and key in _PATTERN_KEYS:
+                found = inner * pattern_repeats(item)
+                if found > best[1]:
+                    best = (path, found)
+                continue
+            if isinstance(item, str) and key in _JSON_IN_A_STRING:
+                item = _json_in_a_string(item, path)
+            candidate = _largest_repeat(item, path, inner)
+            if candidate[1] > best[1]:
+                best = candidate
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _walk(item, f"{where}[{i}]")
+            candidate = _largest_repeat(item, f"{where}[{i}]", outer)
+            if candidate[1] > best[1]:
+                best = candidate
+    return best
+
+
+def _json_in_a_string(text: str, where: str):
+    stripped = text.lstrip()
+    if not stripped.startswith(("{", "[")):
+        return text                                    # a plain string (a name, a description)
+    if json_depth(text.encode()) > MAX_JSON_DEPTH:
+        raise Refused(400, f"{where} nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json", param=where)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text                                    # not JSON: vLLM will say so
 
 
 def _police_tokens(body: dict, route: str) -> dict:

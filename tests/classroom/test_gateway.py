@@ -257,7 +257,18 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
                ({"structured_outputs": {"regex": "[a-z]{1,5000}"}}, "structured_output_too_complex"),
                ({"guided_grammar": 'start: "a" ~ 3..9999'}, "structured_output_too_complex"),
                ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-                   "type": "object", "properties": {"xs": {"type": "array", "maxItems": 10_000}}}}}]},
+                   "type": "object", "properties": {"xs": {"type": "array", "maxItems": 10_000}}}}}],
+                 "tool_choice": "required"}, "structured_output_too_complex"),
+               # ways around a first version of the rule, found by a reader: JSON in a string,
+               # counts that multiply where they nest, a regex as a key
+               ({"structured_outputs": {"json": json.dumps({"type": "string", "maxLength": 100_000})}},
+                "structured_output_too_complex"),
+               ({"structured_outputs": {"regex": "((a{250}){250}){250}"}}, "structured_output_too_complex"),
+               ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                   "type": "array", "maxItems": 64, "items": {"type": "array", "maxItems": 64}}}}},
+                "structured_output_too_complex"),
+               ({"response_format": {"type": "json_schema", "json_schema": {"name": "k", "schema": {
+                   "type": "object", "patternProperties": {"^a{0,100000}$": {"type": "string"}}}}}},
                 "structured_output_too_complex"),
                ({"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": {
                    "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(400)}}}}},
@@ -281,7 +292,11 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
             "type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}}}}},
             structured_outputs=None)
         assert client.post("/v1/chat/completions", headers=key, json=small).status_code == 200
-    assert len(generation_requests(fake)) == 4
+        # tools the model may call or not (tool_choice auto): no grammar is built, nothing to police
+        tools = chat(tools=[{"type": "function", "function": {"name": "note", "parameters": {
+            "type": "object", "properties": {"text": {"type": "string", "maxLength": 5000}}}}}], tool_choice="auto")
+        assert client.post("/v1/chat/completions", headers=key, json=tools).status_code == 200
+    assert len(generation_requests(fake)) == 5
 
 
 def test_max_tokens_n_and_best_of_are_capped_and_the_answer_says_so(fake, class_keys):

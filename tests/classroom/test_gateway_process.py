@@ -263,3 +263,29 @@ def test_a_slow_upload_holds_one_of_its_keys_places(fake, tmp_path):
         for sock in uploads:
             sock.close()
         gw.close()
+
+
+def test_websocket_upgrades_do_not_use_up_an_addresss_connections(fake, tmp_path):
+    # Found by a reader: uvicorn hands an upgraded socket to a WebSocket protocol object, so the
+    # connection's end never reached the count and 64 upgrade requests locked an address out.
+    gw, port, made = _started(fake, tmp_path, "--per-peer-connections", "8")
+    try:
+        upgrade = (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        for _ in range(20):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.2", 0))
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(upgrade)
+                assert sock.recv(200).startswith(b"HTTP/1.1 ")        # answered as plain HTTP
+        transport = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", transport=transport, timeout=30) as client:
+            def served() -> bool:
+                try:
+                    return client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200
+                except httpx.TransportError:                            # refused: the count leaked
+                    return False
+            assert wait_for(served, 10), gw.text()
+    finally:
+        gw.close()
