@@ -127,7 +127,10 @@ def probe(net: StudentNet, action: str, config: dict, timeout: float = 300) -> d
 def classroom(student_net, shared_server, tmp_path_factory):
     path, made = make_keys(tmp_path_factory.mktemp("netns"), "ana", "bo", revoked=("cy",))
     gateway = start_gateway(shared_server, host=student_net.teacher, keys_path=path,
-                            limits=Limits(per_key_concurrency=PER_KEY), progress=print)
+                            # one namespace, one address, plays every student (like a class behind one NAT):
+                            # the per-address bound is raised as a teacher would (test_gateway_process
+                            # checks that bound); the flood below tests the per-key one
+                            limits=Limits(per_key_concurrency=PER_KEY, per_peer_connections=256), progress=print)
     try:
         yield shared_server, gateway, made
     finally:
