@@ -59,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         if not records:
             print("no tutorial server is running")
     else:
+        from .classroom.service import gateways, prune_gateways
+
+        for gateway in gateways():                # students' open streams get an error event first
+            gateway.stop()
+            print(f"stopped gateway {gateway.url}")
         server_registry.prune()                   # stopping is the explicit clean-up
         for record in server_registry.live():
             print(VLLMServer.attach(record).stop(force=True), "-", record.describe())
+        prune_gateways()
     return 0
 
 

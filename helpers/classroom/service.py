@@ -37,7 +37,7 @@ import requests
 from ..endpoint import Endpoint, http_url
 from ..errors import GatewayError
 from ..paths import REPO_ROOT, server_environment, short_path, state_dir
-from ..server import guard
+from ..server import guard, registry
 from ..server.lifecycle import LOOPBACK, free_port, port_in_use
 from . import keys as keyfile
 from .gateway import INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
@@ -132,8 +132,23 @@ class GatewayProcess:
         return f"<GatewayProcess {self.url} -> {self.record.upstream} {'running' if self.alive else 'stopped'}>"
 
 
+def prune_gateways() -> int:
+    """Remove the records of gateways that are gone (``./tutorial.sh stop``); how many."""
+    removed = 0
+    for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
+        try:
+            record = GatewayRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if not _alive(record):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def gateways() -> list[GatewayProcess]:
-    """The gateways recorded as running (records of dead ones are removed)."""
+    """The gateways recorded as running. A look: a dead gateway's record is only skipped (a stop,
+    or the next gateway on its port, replaces it)."""
     found = []
     for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
         try:
@@ -142,8 +157,6 @@ def gateways() -> list[GatewayProcess]:
             continue
         if _alive(record):
             found.append(GatewayProcess(record))
-        else:
-            path.unlink(missing_ok=True)
     return found
 
 
@@ -217,8 +230,7 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
         healthy = requests.get(gateway.url + "/health", timeout=5).status_code == 200
     except requests.RequestException:
         healthy = False
-    _record_path(port).parent.mkdir(parents=True, exist_ok=True)
-    _record_path(port).write_text(json.dumps(asdict(record), indent=1))
+    registry.write_atomically(_record_path(port), asdict(record))
     progress(f"  gateway ready: {gateway.url} serves {server.name!r}" + ("" if healthy else
              " (its /health says vLLM is not answering yet)"))
     return gateway

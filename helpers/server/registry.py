@@ -78,12 +78,18 @@ def record_path(port: int, root: Path | None = None) -> Path:
     return _dir(root) / f"server-{port}.json"
 
 
-def save(record: ServerRecord, root: Path | None = None) -> Path:
-    path = record_path(record.port, root)
+def write_atomically(path: Path, fields: dict) -> Path:
+    """Write a record so that a reader sees the old file or the new one, never half of one (the
+    servers' records here, the gateways' in ``helpers.classroom.service``: one registry folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1))
+    tmp.write_text(json.dumps(fields, indent=1))
     tmp.replace(path)
     return path
+
+
+def save(record: ServerRecord, root: Path | None = None) -> Path:
+    return write_atomically(record_path(record.port, root), asdict(record))
 
 
 def remove(record: ServerRecord, root: Path | None = None, log: Callable[[str], None] = print) -> None:
