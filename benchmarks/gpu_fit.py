@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 import parallel  # noqa: E402  (the model folder, device and version records, vLLM's log figures)
+from helpers.server import builds  # noqa: E402
 from helpers.server.lifecycle import free_port  # noqa: E402
 
 SERVED_NAME = "Qwen"
@@ -96,24 +96,10 @@ def log_figures(text: str) -> dict[str, list[str]]:
     return found
 
 
-def has_vllm_command() -> bool:
-    """Whether ``vllm ...`` works here: the CUDA wheel is named "vllm", the CPU build is not."""
-    try:
-        metadata.version("vllm")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-BENCH_MODULE = ("from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-                "from vllm.benchmarks.serve import add_cli_args, main; "
-                "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args())")
-
-
 def serve_command(model: str, flags: list[str], port: int, *, dummy: bool, cpu: bool) -> list[str]:
-    entry = ["-m", "vllm.entrypoints.cli.main", "serve", model] if has_vllm_command() else \
-        ["-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    command = [sys.executable, *entry, "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
+    """The server's argv: `vllm serve` on the CUDA wheel, the module on the CPU build
+    (helpers/server/builds.py says which, for both)."""
+    command = [*builds.current().serve_argv(model), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
                "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), *flags]
     if dummy:
         command += ["--load-format", "dummy"]
@@ -123,11 +109,8 @@ def serve_command(model: str, flags: list[str], port: int, *, dummy: bool, cpu: 
 
 
 def bench_entry() -> list[str]:
-    """The argv that is `vllm bench serve` here: the command's own module where the `vllm` command
-    works, the benchmark's module otherwise (the CPU build). benchmarks/two_tools.py uses it too."""
-    if has_vllm_command():
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
-    return [sys.executable, "-c", BENCH_MODULE]
+    """The argv that is `vllm bench serve` here (builds.py). benchmarks/two_tools.py uses it too."""
+    return builds.current().bench_argv()
 
 
 def bench_command(model: str, port: int, load: list[str], result_dir: Path, name: str, seed: int) -> list[str]:
