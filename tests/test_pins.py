@@ -3,28 +3,13 @@ the environment the walkthrough was tested with."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
+from helpers.server.builds import PIN, pins     # one reader of pins, for the lessons and these checks
+
 ROOT = Path(__file__).resolve().parent.parent
-PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-]+)==([^\s#]+)")   # also a conda file's "- name==v"
-
-
-def pins(path: Path) -> dict[str, str]:
-    """name -> version of every ``==`` pin in ``path``, following ``-r other.txt`` lines."""
-    found = {}
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        if line.startswith("-r "):
-            found.update(pins(path.parent / line[3:].strip()))
-            continue
-        match = PIN.match(line)
-        if match:
-            found[match[1].lower().replace("_", "-")] = match[2]
-    return found
 
 
 @pytest.mark.parametrize("conda_file, flavor", [("environment.yml", "gpu"), ("environment-cpu.yml", "cpu"),

@@ -81,11 +81,13 @@ GPU = Build(
 )
 BUILDS = (CPU, GPU)
 
-_PIN = re.compile(r"^\s*([A-Za-z0-9_.\-]+)==([^\s#]+)")
+# `name==version` in a requirements file, or `- name==version` in a conda file's pip list
+PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-]+)==([^\s#]+)")
 
 
 def pins(path: Path) -> dict[str, str]:
-    """name -> version of every ``==`` pin in ``path``, following ``-r other.txt`` lines."""
+    """name -> version of every ``==`` pin in ``path`` (a requirements file, or a conda file's pip
+    list), following ``-r other.txt`` lines."""
     found: dict[str, str] = {}
     for line in path.read_text().splitlines():
         if line.lstrip().startswith("#"):
@@ -93,7 +95,7 @@ def pins(path: Path) -> dict[str, str]:
         if line.startswith("-r "):
             found.update(pins(path.parent / line[3:].strip()))
             continue
-        match = _PIN.match(line)
+        match = PIN.match(line)
         if match:
             found[match[1].lower().replace("_", "-")] = match[2]
     return found
