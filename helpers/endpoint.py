@@ -26,6 +26,10 @@ from .errors import ApiKeyError
 NO_KEY = "EMPTY"
 
 
+# The URL of a server on a Unix socket: the host is only the HTTP Host header there.
+UDS_URL = "http://localhost"
+
+
 def http_url(host: str, port: int | None) -> str:
     """Where a client on this machine reaches a server bound to ``host``."""
     if host in ("0.0.0.0", "", "::"):  # every interface: loopback is one of them
@@ -40,6 +44,7 @@ class Endpoint:
     url: str                        # the server's root, e.g. http://127.0.0.1:8000
     model: str                      # the served name clients send as ``model``
     api_key: str | None = None
+    uds: str | None = None          # a Unix socket the server listens on instead (vLLM's --uds)
 
     def __post_init__(self):
         object.__setattr__(self, "url", self.url.rstrip("/"))
@@ -52,8 +57,14 @@ class Endpoint:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def get(self, path: str, *, timeout: float = 10.0) -> requests.Response:
-        """``GET url + path`` with the key (``path`` starts with ``/``)."""
+    def get(self, path: str, *, timeout: float = 10.0):
+        """``GET url + path`` with the key (``path`` starts with ``/``): a ``requests`` response, or
+        for a Unix socket an ``httpx`` one (the same ``status_code``, ``json()``, ``text``)."""
+        if self.uds:
+            import httpx
+
+            with httpx.Client(transport=httpx.HTTPTransport(uds=self.uds), timeout=timeout) as client:
+                return client.get(self.url + path, headers=self.headers())
         return requests.get(self.url + path, headers=self.headers(), timeout=timeout)
 
     def models(self) -> list[dict]:
@@ -80,10 +91,18 @@ class Endpoint:
 
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 120.0)
+        if self.uds and "http_client" not in kwargs:
+            import httpx
+
+            if kind == "AsyncOpenAI":
+                kwargs["http_client"] = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.uds))
+            else:
+                kwargs["http_client"] = httpx.Client(transport=httpx.HTTPTransport(uds=self.uds))
         return getattr(openai, kind)(base_url=self.base_url, api_key=self.api_key or NO_KEY, **kwargs)
 
     def __repr__(self) -> str:  # never show the key
-        return f"Endpoint({self.url!r}, model={self.model!r}, api_key={'***' if self.api_key else None})"
+        where = f", uds={self.uds!r}" if self.uds else ""
+        return f"Endpoint({self.url!r}, model={self.model!r}, api_key={'***' if self.api_key else None}{where})"
 
 
 def as_endpoint(target: Any, model: str | None = None, api_key: str | None = None) -> Endpoint:

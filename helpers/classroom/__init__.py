@@ -12,7 +12,7 @@ host starts both; notebook 08 shows each piece.)
   the hand-out lines (``python -m helpers.classroom.keys create|revoke|list``);
 * ``policy``: the limits (``Limits``) and the rules a request body must obey (size, JSON,
   ``max_tokens`` cap, ``n``, list sizes that have crashed vLLM's engine);
-* ``gateway``: the ASGI app (``make_app``; Starlette, httpx, uvicorn, all installed with vLLM)
+* ``gateway``: the ASGI app (``make_app``; Starlette, httpx, uvicorn, pinned at the versions vLLM brings)
   and ``python -m helpers.classroom.gateway``;
 * ``service``: ``start_gateway(server, host=...)`` runs the gateway under the project's guard,
   ending with its owner and with its server; ``gateways()`` lists the running ones;

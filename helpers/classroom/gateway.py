@@ -181,7 +181,8 @@ SHUTTING_DOWN = Refused(503, "the class server is shutting down; try again when 
 # --------------------------------------------------------------------------- the gateway
 class Gateway:
     def __init__(self, upstream_url: str, internal_key: str, keys_path: Path | str,
-                 limits: Limits | None = None, log: Callable[[str], None] | None = None):
+                 limits: Limits | None = None, log: Callable[[str], None] | None = None,
+                 upstream_uds: str | None = None):
         parts = urlsplit(upstream_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"the upstream must be an http(s) URL, got {upstream_url!r}")
@@ -189,6 +190,7 @@ class Gateway:
         if self.upstream.endswith("/v1"):
             self.upstream = self.upstream[:-3]
         self._internal_key = internal_key
+        self.upstream_uds = upstream_uds           # vLLM's Unix socket, where it listens on one
         self.limits = limits or Limits()
         self.keys = KeyWatcher(Path(keys_path), self.limits.keys_check_interval)
         self.log = log or (lambda line: print(line, flush=True))
@@ -207,10 +209,11 @@ class Gateway:
     # ------------------------------------------------------------ life
     async def start(self) -> None:
         size = self.limits.upstream_connections
+        pool = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         self.client = httpx.AsyncClient(
             base_url=self.upstream,
             timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0),   # streams: no read timeout
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+            transport=httpx.AsyncHTTPTransport(uds=self.upstream_uds, limits=pool),
             trust_env=False)                      # no proxy variables between us and the loopback
         self._health_lock = asyncio.Lock()
         self._watch_task = asyncio.create_task(self._watch_keys())
@@ -528,10 +531,10 @@ class _AsgiEndpoint:
 
 
 def make_app(upstream_url: str, internal_key: str, keys_path: Path | str, limits: Limits | None = None,
-             log: Callable[[str], None] | None = None) -> Starlette:
+             log: Callable[[str], None] | None = None, upstream_uds: str | None = None) -> Starlette:
     """The gateway as an ASGI app (``app.state.gateway`` is the ``Gateway``). Raises
     ``keys.KeysError`` at once when the keys file is missing, unreadable or not private."""
-    gateway = Gateway(upstream_url, internal_key, keys_path, limits, log)
+    gateway = Gateway(upstream_url, internal_key, keys_path, limits, log, upstream_uds)
 
     async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 405:
@@ -654,7 +657,8 @@ async def _serve(app: Starlette, sock: socket.socket, url: str, args) -> None:
         await asyncio.sleep(0.05)
     if server.started:
         table = gateway.keys.table
-        print(f"{READY_LINE} {url} -> {gateway.upstream} ({len(table.active)} student key(s); "
+        where = f"unix:{gateway.upstream_uds}" if gateway.upstream_uds else gateway.upstream
+        print(f"{READY_LINE} {url} -> {where} ({len(table.active)} student key(s); "
               f"max_tokens {gateway.limits.max_tokens}, {gateway.limits.per_key_concurrency} open per key, "
               f"{gateway.limits.global_concurrency} in all)", flush=True)
         if args.follow_pid:
@@ -671,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="the address students reach (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="vLLM's URL on this machine, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--upstream-uds", default=None,
+                        help="vLLM's Unix socket (vLLM's --uds), reached with --upstream's URL as the Host")
     parser.add_argument("--follow-pid", type=int, default=None, help="stop when this process (vLLM's guard) ends")
     parser.add_argument("--follow-start", type=int, default=None, help="its start time (/proc/PID/stat field 22)")
     for f in fields(Limits):
@@ -685,11 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     internal_key = internal_key_from_environment()
     try:
-        app = make_app(args.upstream, internal_key, Path(keys_path).expanduser(), limits)
+        app = make_app(args.upstream, internal_key, Path(keys_path).expanduser(), limits, upstream_uds=args.upstream_uds)
     except (keyfile.KeysError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if urlsplit(args.upstream).hostname not in ("127.0.0.1", "localhost", "::1"):
+    if not args.upstream_uds and urlsplit(args.upstream).hostname not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the upstream {args.upstream} is not on loopback; vLLM itself should listen on "
               f"127.0.0.1 so that nothing reaches it around the gateway", flush=True)
     sock = _bind(args.host, args.port)

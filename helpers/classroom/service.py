@@ -202,6 +202,8 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
     argv = [server.config.python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
             "--upstream", server.url, "--follow-pid", str(server.record.guard_pid),
             "--follow-start", str(server.record.guard_started)]
+    if server.config.uds:
+        argv += ["--upstream-uds", server.config.uds]
     for f in fields(Limits):
         argv += ["--" + f.name.replace("_", "-"), str(getattr(limits, f.name))]
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -211,10 +213,10 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
         popen, owner_fd = guard.spawn(argv, marker=secrets.token_hex(8), env=env, log_file=log, owner=not detached)
     info = guard.proc_info(popen.pid)
     record = GatewayRecord(guard_pid=popen.pid, guard_started=info.start_time if info else -1, host=host, port=port,
-                           upstream=server.url, keys_path=str(keys_path), log_path=str(log_path),
+                           upstream=server.where, keys_path=str(keys_path), log_path=str(log_path),
                            owner_pid=None if detached else os.getpid(), started_at=time.time())
     gateway = GatewayProcess(record, popen, owner_fd)
-    progress(f"Starting the gateway on {gateway.url} -> {server.url} ({len(table.active)} student key(s)); "
+    progress(f"Starting the gateway on {gateway.url} -> {server.where} ({len(table.active)} student key(s)); "
              f"log: {short_path(log_path)}")
     deadline = time.monotonic() + timeout
     while True:
@@ -259,8 +261,8 @@ def class_internal_key(folder: Path) -> str:
 
 
 def start_class_server(settings=None, *, detached: bool = True) -> ClassServer:
-    """What ``./tutorial.sh serve`` does when ``host`` is a network address: vLLM on 127.0.0.1
-    with the internal key (``get_server``: a running one with the same settings is reused), then
+    """What ``./tutorial.sh serve`` does when ``host`` is a network address: vLLM on a Unix socket
+    only this user can reach (``private=True``), with the internal key (``get_server``: a running one with the same settings is reused), then
     the gateway on ``settings.host`` (port ``settings.port`` or 8080) with the students' keys file.
     Refused (``NoStudentKeysError``) while that file holds no active key: nobody could get in,
     and a server on the network without keys is what this package never starts."""
@@ -284,7 +286,10 @@ def start_class_server(settings=None, *, detached: bool = True) -> ClassServer:
             f"student's key, and there is none ({keys_path}: {why}). Make them first:\n"
             f"  ./tutorial.sh keys create --url http://<this machine's address>:{settings.port or 8080} --count 30")
     key = class_internal_key(keyfile.default_dir())
-    server = get_server(replace(settings, host="127.0.0.1", port=None, api_key=key), detached=detached)
+    # vLLM on a Unix socket in a private folder: other users of this machine cannot reach it
+    # (on 127.0.0.1 they could: its key guards /v1 only, /invocations answers without one)
+    server = get_server(replace(settings, host="127.0.0.1", port=None, api_key=key), detached=detached,
+                        private=True)
     gateway = start_gateway(server, host=settings.host, port=settings.port or 8080, keys_path=keys_path,
                             internal_key=key, detached=detached)
     return ClassServer(server, gateway, keys_path, len(active))

@@ -49,6 +49,7 @@ class ServerConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout: float = 900.0
     python: str = sys.executable
+    uds: str | None = None             # listen on this Unix socket instead of host:port (vLLM's --uds)
     reasons: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self):
@@ -78,6 +79,8 @@ class ServerConfig:
             args += [f"--dtype={self.dtype}"]
         if self.max_model_len:
             args += ["--max-model-len", str(self.max_model_len)]
+        if self.uds:      # vLLM then binds only the socket; --host/--port stay as the record's id
+            args += ["--uds", self.uds]
         return args + list(self.extra_args)
 
     def argv(self, build: builds.Build | None = None) -> list[str]:

@@ -16,6 +16,7 @@ servers are recorded (``registry``) so that notebooks share one instead of pilin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -25,9 +26,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import requests
 
-from ..endpoint import Endpoint, http_url
+from ..endpoint import UDS_URL, Endpoint, http_url
 from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStartError,
                       StartupTimeoutError, TutorialError, UnsafeHostError)
 from ..paths import server_environment, short_path, state_dir
@@ -95,7 +97,7 @@ class VLLMServer:
             return _OWNED[record.guard_pid]
         config = config or ServerConfig(model=record.model, served_model_name=record.served_model_name,
                                         host=record.host)
-        server = cls(replace(config, port=record.port))
+        server = cls(replace(config, port=record.port, uds=record.uds))
         server.record, server.owned, server._log_path = record, False, Path(record.log_path)
         return server
 
@@ -106,12 +108,17 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return http_url(self.config.host, self.port)
+        return UDS_URL if self.config.uds else http_url(self.config.host, self.port)
+
+    @property
+    def where(self) -> str:
+        """Where it listens, for people: a URL, or ``unix:/path`` for a socket."""
+        return f"unix:{self.config.uds}" if self.config.uds else self.url
 
     @property
     def endpoint(self) -> Endpoint:
         """URL, served name and key: what every request to this server needs."""
-        return Endpoint(self.url, self.config.name, self.config.api_key)
+        return Endpoint(self.url, self.config.name, self.config.api_key, self.config.uds)
 
     @property
     def base_url(self) -> str:
@@ -158,12 +165,12 @@ class VLLMServer:
         return f"<VLLMServer {self.name!r} {self.url if self.port else '(no port yet)'} {state}, {whose}>"
 
     # ---------------------------------------------------------------- talk to it
-    def _get(self, path: str) -> requests.Response:
+    def _get(self, path: str):
         try:
-            return requests.get(self.url + path, timeout=10)
-        except requests.ConnectionError:
+            return replace(self.endpoint, api_key=None).get(path, timeout=10)
+        except (requests.ConnectionError, httpx.TransportError):
             if not self.alive:
-                raise ServerDiedError(f"the server at {self.url} is gone; last log lines:\n{self.tail(15)}") from None
+                raise ServerDiedError(f"the server at {self.where} is gone; last log lines:\n{self.tail(15)}") from None
             raise
 
     def health(self) -> bool:
@@ -205,7 +212,14 @@ class VLLMServer:
         if looks_like_path(self.config.model):
             check_model_folder(Path(self.config.model).expanduser())
         if self.config.port is None:
-            self.config = replace(self.config, port=free_port(self.config.host))
+            # a server on a Unix socket holds its recorded port without listening on it
+            taken = {r.port for r in registry.live()}
+            port = free_port(self.config.host)
+            for _ in range(20):
+                if port not in taken:
+                    break
+                port = free_port(self.config.host)
+            self.config = replace(self.config, port=port)
         elif port_in_use(self.config.port, self.config.host):
             users = [r for r in registry.live() if r.port == self.config.port]
             who = f" by the tutorial's server {users[0].describe()}" if users else ""
@@ -239,10 +253,10 @@ class VLLMServer:
             host=self.config.host, port=self.config.port, model=self.config.model,
             served_model_name=self.config.name, log_path=str(self._log_path),
             owner_pid=None if self.detached else os.getpid(), started_at=time.time(),
-            command=self.config.command_line())
+            command=self.config.command_line(), uds=self.config.uds)
         registry.save(self.record)
         _OWNED[self._guard.pid] = self
-        progress(f"Starting vLLM on {self.url} (process group {self._guard.pid}); "
+        progress(f"Starting vLLM on {self.where} (process group {self._guard.pid}); "
                  f"log: {short_path(self._log_path)}")
         return self
 
@@ -311,10 +325,10 @@ class VLLMServer:
 
     def _answers(self) -> bool:
         try:
-            if requests.get(self.url + "/health", timeout=2).status_code != 200:
+            if replace(self.endpoint, api_key=None).get("/health", timeout=2).status_code != 200:
                 return False
             return self.name in [m["id"] for m in self.endpoint.models()]
-        except requests.RequestException:
+        except (requests.RequestException, httpx.HTTPError):
             return False
 
     def _fail_start(self, sign: Diagnosis | None = None) -> None:
@@ -386,6 +400,10 @@ class VLLMServer:
         if self.record is not None:
             registry.remove(self.record)
             _OWNED.pop(self.record.guard_pid, None)
+        if self.config.uds and not self.alive:         # its socket and private folder go with it
+            with contextlib.suppress(OSError):
+                Path(self.config.uds).unlink(missing_ok=True)
+                Path(self.config.uds).parent.rmdir()
         if self._guard is not None and self._guard.poll() is not None:
             self._guard = None
 
@@ -413,12 +431,13 @@ def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer |
     Starting is where dead servers' records are cleaned up (``registry.prune``)."""
     registry.prune(log=progress)
     for record in registry.live(log=progress):
-        same = record.served_model_name == config.name and record.model == config.model
+        same = record.served_model_name == config.name and record.model == config.model \
+            and (record.uds is None) == (config.uds is None)
         if same and (settings.port is None or record.port == settings.port):
             server = VLLMServer.attach(record, config)
             if server is not _OWNED.get(record.guard_pid):
                 progress(f"Reusing {record.describe()}")
-                asked = replace(config, port=record.port).command_line()
+                asked = replace(config, port=record.port, uds=record.uds).command_line()
                 if record.command and record.command != asked:
                     # Same model and name, other flags (a class server, another log preset):
                     # reused all the same, so that servers never pile up, but said.
@@ -428,8 +447,24 @@ def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer |
     return None
 
 
+def private_socket() -> str:
+    """A path for vLLM's ``--uds`` in a folder of its own that only this user may enter (mode
+    700): other users of the machine cannot connect to it, so nothing of vLLM is theirs to reach,
+    not even the routes its key leaves open. Under the state folder, or the temporary folder when
+    that path would be too long for a socket (108 bytes on Linux)."""
+    import tempfile
+
+    parent = state_dir() / "sockets"
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="vllm-", dir=parent))
+    if len(str(folder / "vllm.sock")) > 100:
+        folder.rmdir()
+        folder = Path(tempfile.mkdtemp(prefix="vllm-tutorial-"))
+    return str(folder / "vllm.sock")
+
+
 def get_server(settings: Settings | None = None, *, progress=print, timeout: float | None = None,
-               detached: bool = False) -> VLLMServer:
+               detached: bool = False, private: bool = False) -> VLLMServer:
     """The server for these settings: the running one if there is one, else a new one.
 
     A running server (started by another notebook's kernel, by the test session, or detached
@@ -437,7 +472,9 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
     calls at the same moment (two notebooks opened together) start one server, and the second
     waits for it. A new one belongs to this kernel and ends with it (``detached=True``: it runs
     until ``./tutorial.sh stop``). With ``server_url`` set, nothing starts: a ``RemoteServer``
-    connects to that server (a class server) with the settings' key.
+    connects to that server (a class server) with the settings' key. ``private=True``: vLLM
+    listens on a Unix socket only this user can reach (``private_socket``), as a class server's
+    does behind its gateway; only such a server is reused then.
     """
     settings = settings or load_settings()
     if settings.server_url:
@@ -445,9 +482,14 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
         return RemoteServer.connect(settings, progress)
     config = from_settings(settings, log=progress)
     _refuse_network_host(config.host)       # before reuse too: a running server is on loopback
+    if private:
+        config = replace(config, uds=private_socket())
     with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
         server = _running(config, settings, progress)
         launched = server is None
+        if not launched and config.uds:               # reused: the fresh socket folder is not needed
+            with contextlib.suppress(OSError):
+                Path(config.uds).parent.rmdir()
         if launched:
             server = VLLMServer(config, detached=detached).launch(progress)
     if launched:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..endpoint import http_url
+from ..endpoint import UDS_URL, http_url
 from ..paths import state_dir
 from .guard import ProcessGroup, command_of, runs
 
@@ -51,10 +51,15 @@ class ServerRecord:
     command: str                # the equivalent shell command (an API key in it is hidden)
     members: tuple = ()         # (pid, start time) of its processes when it became ready
     uid: int = -1               # the user who wrote the record: read from the file's owner
+    uds: str | None = None      # the Unix socket it listens on instead of host:port (a class server)
 
     @property
     def url(self) -> str:
-        return http_url(self.host, self.port)
+        return UDS_URL if self.uds else http_url(self.host, self.port)
+
+    @property
+    def where(self) -> str:
+        return f"unix:{self.uds}" if self.uds else self.url
 
     def group(self) -> ProcessGroup:
         """The server's processes: the guard's group while the guard runs, then only those
@@ -65,7 +70,7 @@ class ServerRecord:
     def describe(self) -> str:
         owner = "detached" if self.owner_pid is None else f"owned by pid {self.owner_pid}"
         age = time.time() - self.started_at
-        return f"{self.served_model_name} at {self.url} ({owner}, group {self.guard_pid}, up {age:.0f} s)"
+        return f"{self.served_model_name} at {self.where} ({owner}, group {self.guard_pid}, up {age:.0f} s)"
 
 
 def _dir(root: Path | None = None) -> Path:

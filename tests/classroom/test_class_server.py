@@ -1,0 +1,106 @@
+"""A whole class server as ``./tutorial.sh serve`` starts it (``start_class_server``), against real
+vLLM: vLLM on a Unix socket in a private folder, the gateway in front. Another user of the same
+machine cannot reach vLLM at all (on 127.0.0.1 they could: its key guards only /v1, and
+/invocations generates text without one)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from classroom_support import make_keys
+from helpers.classroom import keys as keyfile
+from helpers.classroom.service import start_class_server
+from helpers.server.lifecycle import port_in_use
+from helpers.settings import load_settings
+
+NOBODY = 65534
+
+# A second, unprivileged user's attempt to connect to the socket.
+PROBE = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+try:
+    sock.connect(sys.argv[1])
+except OSError as err:
+    print("refused:", type(err).__name__, err.errno)
+    sys.exit(0)
+print("connected")        # from here POST /invocations would generate text, keyless
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.vllm
+def test_the_class_servers_vllm_is_reachable_only_through_the_gateway(tmp_path, monkeypatch):
+    keys_path, made = make_keys(tmp_path, "ana")
+    monkeypatch.setenv("TUTORIAL_GATEWAY_KEYS", str(keys_path))
+    # A state folder any user may enter (as ~/.local/state often is), so that the only barrier
+    # left is the socket's own private folder: the test's usual one is private already.
+    shared = Path(tempfile.mkdtemp(prefix="vllm-tutorial-shared-"))
+    shared.chmod(0o755)
+    monkeypatch.setenv("TUTORIAL_STATE_DIR", str(shared))
+    monkeypatch.setattr(keyfile, "default_dir", lambda: tmp_path / "classroom")   # the internal key's folder
+    try:
+        _check_a_class_server(shared, made)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _check_a_class_server(shared: Path, made: dict) -> None:
+    # 127.0.0.2: an address other than 127.0.0.1, as a class network's would be, still on loopback
+    started = start_class_server(load_settings(host="127.0.0.2", port=free_port()), detached=False)
+    server, gateway = started.server, started.gateway
+    try:
+        uds = Path(server.config.uds)
+        assert stat.S_IMODE(uds.parent.stat().st_mode) == 0o700 and uds.is_socket()
+        assert server.record.uds == str(uds) and f"unix:{uds}" in server.record.describe()
+        assert not port_in_use(server.port, "127.0.0.1")          # no TCP listener of vLLM at all
+
+        # a student, through the gateway
+        reply = requests.post(gateway.url + "/v1/chat/completions", timeout=300,
+                              headers={"Authorization": f"Bearer {made['ana']}"},
+                              json={"model": server.name, "messages": [{"role": "user", "content": "Hi"}],
+                                    "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        # the teacher's helpers talk to it over the socket
+        assert server.health() and [m["id"] for m in server.models()] == [server.name]
+
+        # another user of this machine: not even a connection
+        if os.geteuid() != 0:
+            pytest.skip("checking as a second user needs root to become one (CI runs as root)")
+        # (the system's Python: this one may live in a folder that user cannot enter, /root here)
+        python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+        if python is None:
+            pytest.skip("no system python3 a second user can run")
+
+        def as_nobody(path: Path) -> str:
+            done = subprocess.run([python, "-c", PROBE, str(path)], capture_output=True, text=True,
+                                  timeout=60, user=NOBODY, group=NOBODY, extra_groups=[])
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert as_nobody(uds).startswith("refused: PermissionError 13")
+        # the control: a socket that user may reach, in the same state folder, answers them
+        with socket.socket(socket.AF_UNIX) as open_socket:
+            (shared / "open").mkdir(mode=0o755)
+            open_socket.bind(str(shared / "open" / "s.sock"))
+            os.chmod(shared / "open" / "s.sock", 0o777)
+            open_socket.listen()
+            assert as_nobody(shared / "open" / "s.sock").startswith("connected")
+    finally:
+        gateway.stop()
+        server.stop()
+    assert not uds.exists() and not uds.parent.exists()            # the socket and its folder went with it
