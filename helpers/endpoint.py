@@ -26,8 +26,9 @@ from .errors import ApiKeyError
 NO_KEY = "EMPTY"
 
 
-# The URL of a server on a Unix socket: the host is only the HTTP Host header there.
-UDS_URL = "http://localhost"
+# The URL of a server on a Unix socket: its host is only the HTTP Host header there, and a name
+# that never resolves, so code that ignores the socket fails instead of reaching another server.
+UDS_URL = "http://vllm.invalid"
 
 
 def http_url(host: str, port: int | None) -> str:
@@ -94,10 +95,11 @@ class Endpoint:
         if self.uds and "http_client" not in kwargs:
             import httpx
 
+            pool = httpx.Limits(max_connections=1000, max_keepalive_connections=100)   # the SDK's own
             if kind == "AsyncOpenAI":
-                kwargs["http_client"] = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.uds))
+                kwargs["http_client"] = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.uds, limits=pool))
             else:
-                kwargs["http_client"] = httpx.Client(transport=httpx.HTTPTransport(uds=self.uds))
+                kwargs["http_client"] = httpx.Client(transport=httpx.HTTPTransport(uds=self.uds, limits=pool))
         return getattr(openai, kind)(base_url=self.base_url, api_key=self.api_key or NO_KEY, **kwargs)
 
     def __repr__(self) -> str:  # never show the key

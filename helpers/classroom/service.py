@@ -181,7 +181,7 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
         raise GatewayError(f"{server!r} is not running; start it first")
     internal_key = internal_key or server.config.api_key
     if not internal_key:
-        progress(f"note: vLLM at {server.url} takes requests without a key: any program on this machine can use "
+        progress(f"note: vLLM at {server.where} takes requests without a key: any program on this machine can use "
                  f"it; for a class start it with api_key=<a random internal key>")
         internal_key = secrets.token_urlsafe(32)        # sent, and ignored, by a server without a key
     keys_path = Path(keys_path).expanduser() if keys_path else keyfile.default_keys_path()

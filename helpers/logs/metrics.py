@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -113,7 +114,7 @@ class Sampler:
         while True:
             try:
                 self.samples.append(scrape(self.target, timeout=self.timeout))
-            except (requests.RequestException, ValueError):
+            except (requests.RequestException, httpx.HTTPError, ValueError):
                 self.errors += 1
             if self._stop.wait(self.every):
                 return
@@ -128,7 +129,7 @@ class Sampler:
         self._thread.join()
         try:
             self.samples.append(scrape(self.target, timeout=self.timeout))
-        except (requests.RequestException, ValueError):
+        except (requests.RequestException, httpx.HTTPError, ValueError):
             self.errors += 1
         return self.samples
 

@@ -162,7 +162,7 @@ class VLLMServer:
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
         whose = "owned" if self.owned else "attached"
-        return f"<VLLMServer {self.name!r} {self.url if self.port else '(no port yet)'} {state}, {whose}>"
+        return f"<VLLMServer {self.name!r} {self.where if self.port else '(no port yet)'} {state}, {whose}>"
 
     # ---------------------------------------------------------------- talk to it
     def _get(self, path: str):
@@ -183,7 +183,7 @@ class VLLMServer:
     def models(self) -> list[dict]:
         """The /v1/models list (with the API key when the server has one)."""
         if not self.alive:
-            raise ServerDiedError(f"the server at {self.url} is gone; last log lines:\n{self.tail(15)}")
+            raise ServerDiedError(f"the server at {self.where} is gone; last log lines:\n{self.tail(15)}")
         return self.endpoint.models()
 
     def client(self, **kwargs):
@@ -211,16 +211,20 @@ class VLLMServer:
         _refuse_network_host(self.config.host)
         if looks_like_path(self.config.model):
             check_model_folder(Path(self.config.model).expanduser())
+        if self.config.uds and not Path(self.config.uds).parent.is_dir():
+            self.config = replace(self.config, uds=private_socket())     # a restart after a stop removed it
+        # a server on a Unix socket holds its recorded port (its registry entry) without listening on it
+        taken = {r.port for r in registry.live()}
         if self.config.port is None:
-            # a server on a Unix socket holds its recorded port without listening on it
-            taken = {r.port for r in registry.live()}
             port = free_port(self.config.host)
             for _ in range(20):
                 if port not in taken:
                     break
                 port = free_port(self.config.host)
+            else:
+                raise PortInUseError("no free port that no tutorial server holds was found in 20 tries")
             self.config = replace(self.config, port=port)
-        elif port_in_use(self.config.port, self.config.host):
+        elif self.config.port in taken or port_in_use(self.config.port, self.config.host):
             users = [r for r in registry.live() if r.port == self.config.port]
             who = f" by the tutorial's server {users[0].describe()}" if users else ""
             raise PortInUseError(
@@ -303,7 +307,8 @@ class VLLMServer:
                 progress(f"  {elapsed:5.0f} s  {phase}")
                 last_print = time.monotonic()
             if self._answers():
-                progress(f"  {elapsed:5.0f} s  ready: {self.base_url} serves {self.name!r}")
+                progress(f"  {elapsed:5.0f} s  ready: {self.where if self.config.uds else self.base_url} "
+                         f"serves {self.name!r}")
                 if self.owned:   # its processes, for whoever must end them once the guard is gone
                     self.record = replace(self.record, members=tuple(sorted(self.record.group().snapshot())))
                     registry.save(self.record)
@@ -401,9 +406,7 @@ class VLLMServer:
             registry.remove(self.record)
             _OWNED.pop(self.record.guard_pid, None)
         if self.config.uds and not self.alive:         # its socket and private folder go with it
-            with contextlib.suppress(OSError):
-                Path(self.config.uds).unlink(missing_ok=True)
-                Path(self.config.uds).parent.rmdir()
+            remove_private_socket(self.config.uds)
         if self._guard is not None and self._guard.poll() is not None:
             self._guard = None
 
@@ -432,7 +435,8 @@ def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer |
     registry.prune(log=progress)
     for record in registry.live(log=progress):
         same = record.served_model_name == config.name and record.model == config.model \
-            and (record.uds is None) == (config.uds is None)
+            and (record.uds is None) == (config.uds is None) \
+            and (record.uds is None or record.uid == os.getuid())      # a private socket: only our own
         if same and (settings.port is None or record.port == settings.port):
             server = VLLMServer.attach(record, config)
             if server is not _OWNED.get(record.guard_pid):
@@ -452,15 +456,36 @@ def private_socket() -> str:
     700): other users of the machine cannot connect to it, so nothing of vLLM is theirs to reach,
     not even the routes its key leaves open. Under the state folder, or the temporary folder when
     that path would be too long for a socket (108 bytes on Linux)."""
+    import stat
     import tempfile
 
     parent = state_dir() / "sockets"
-    parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="vllm-", dir=parent))
-    if len(str(folder / "vllm.sock")) > 100:
+    with contextlib.suppress(FileExistsError):
+        parent.mkdir(mode=0o755, parents=True)
+    info = parent.lstat()
+    # sockets/ must be ours, a real folder, writable by nobody else: who may rename entries there
+    # could swap our folder for theirs and stand between the gateway (with the key) and vLLM
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        folder = Path(tempfile.mkdtemp(prefix="vllm-", dir=parent))
+        if len(os.fsencode(folder / "vllm.sock")) <= 100:
+            return str(folder / "vllm.sock")
         folder.rmdir()
-        folder = Path(tempfile.mkdtemp(prefix="vllm-tutorial-"))
-    return str(folder / "vllm.sock")
+    folder = Path(tempfile.mkdtemp(prefix="vllm-tutorial-"))      # mode 700, in the temporary folder
+    path = folder / "vllm.sock"
+    if len(os.fsencode(path)) > 100:
+        folder.rmdir()
+        raise ServerStartError(f"no folder for vLLM's socket gives a path short enough ({path})")
+    return str(path)
+
+
+def remove_private_socket(uds: str) -> None:
+    """Remove a socket ``private_socket`` made, and its folder (only a folder it made)."""
+    path = Path(uds)
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+    if path.parent.name.startswith(("vllm-", "vllm-tutorial-")):
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 def get_server(settings: Settings | None = None, *, progress=print, timeout: float | None = None,
@@ -485,13 +510,17 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
     if private:
         config = replace(config, uds=private_socket())
     with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
-        server = _running(config, settings, progress)
-        launched = server is None
+        try:
+            server = _running(config, settings, progress)
+            launched = server is None
+            if launched:
+                server = VLLMServer(config, detached=detached).launch(progress)
+        except BaseException:
+            if config.uds:
+                remove_private_socket(config.uds)
+            raise
         if not launched and config.uds:               # reused: the fresh socket folder is not needed
-            with contextlib.suppress(OSError):
-                Path(config.uds).parent.rmdir()
-        if launched:
-            server = VLLMServer(config, detached=detached).launch(progress)
+            remove_private_socket(config.uds)
     if launched:
         return server._await_start(timeout, progress, retry_port=settings.port is None)
     return server.wait_ready(timeout=timeout, progress=progress)

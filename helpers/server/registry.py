@@ -158,6 +158,9 @@ def prune(root: Path | None = None, log: Callable[[str], None] = print) -> list[
         if strangers:
             log(f"note: process(es) {strangers} now use group {record.guard_pid} of a dead server's "
                 f"record, but are not that server's; left alone")
+        if record.uds:
+            from .lifecycle import remove_private_socket
+            remove_private_socket(record.uds)
         remove(record, root, log)
         gone.append(record)
     return gone
