@@ -3,9 +3,10 @@
 ``start`` launches a detached server for the current settings (or says that one already runs):
 it runs until ``stop``, outside any kernel, and every notebook's ``get_server()`` with the same
 model and name reuses it. With ``host`` set to a network address (a class, ``TUTORIAL_HOST=0.0.0.0``)
-it starts a **class server**: vLLM stays on 127.0.0.1 with an internal key, and the gateway
-(``helpers.classroom``) listens on that address, passing only what a class needs and only with a
-student's key; without student keys (``./tutorial.sh keys create ...``) it refuses to start.
+it starts a **class server** (``helpers.classroom.start_class_server``): vLLM listens on a Unix
+socket in a folder only this user may enter, with an internal key, and the gateway listens on
+that address, passing only what a class needs and only with a student's key; without student
+keys (``./tutorial.sh keys create ...``) it refuses to start.
 ``status`` lists the running servers and gateways; ``stop`` ends them all, whoever started them.
 ``troubleshooting`` prints ``docs/troubleshooting.md``, generated from the start-up diagnosis.
 """

@@ -2,8 +2,9 @@
 
 vLLM's ``--api-key`` guards only some paths (``/v1`` ...): ``/invocations`` generates text
 without a key, and ``/tokenize``, ``/metrics``, ``/docs`` and more answer anyone. So for a
-class, vLLM listens on 127.0.0.1 with an internal key, and a small gateway is the only thing
-bound to the network address: it passes ``GET /health`` (no key), and with a student's key
+class, vLLM listens on 127.0.0.1 with an internal key (with ``./tutorial.sh serve``, on a Unix
+socket only the teacher's user can reach), and a small gateway is the only thing bound to the
+network address: it passes ``GET /health`` (no key), and with a student's key
 ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /metrics`` and ``GET /version``, and answers everything else itself. (``./tutorial.sh serve`` with a network
 host starts both; notebook 08 shows each piece.)
