@@ -31,6 +31,16 @@ NO_KEY = "EMPTY"
 UDS_URL = "http://vllm.invalid"
 
 
+def server_url(host: str, port: int | None, uds: str | None = None) -> str:
+    """The URL requests to a server use: ``http_url``, or ``UDS_URL`` for one on a Unix socket."""
+    return UDS_URL if uds else http_url(host, port)
+
+
+def shown_at(url: str, uds: str | None = None) -> str:
+    """Where a server listens, for people: its URL, or ``unix:/path`` for a socket."""
+    return f"unix:{uds}" if uds else url
+
+
 def http_url(host: str, port: int | None) -> str:
     """Where a client on this machine reaches a server bound to ``host``."""
     if host in ("0.0.0.0", "", "::"):  # every interface: loopback is one of them
@@ -54,6 +64,10 @@ class Endpoint:
     def base_url(self) -> str:
         """The OpenAI-style API root (``.../v1``)."""
         return self.url + "/v1"
+
+    @property
+    def where(self) -> str:
+        return shown_at(self.url, self.uds)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -77,6 +77,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..endpoint import shown_at
 from . import keys as keyfile
 from .connections import guarded_h11
 from .policy import GENERATION_ROUTES, TOKEN_ROUTES, Limits, Refused, encode, parse_body, police
@@ -376,19 +377,15 @@ class Gateway:
             if policed:
                 body, changed = police(parse_body(await self.read_body(request)), route, self.limits)
                 payload = encode(body)
-        except Refused as err:
-            if admitted:
+        except BaseException as err:
+            if admitted:                                   # whatever ended it, its place is free again
                 self.release(key_hash, policed)
-            self._log(student, method, route, err.status, started, err.code)
-            await _refusal(err)(scope, receive, send)
-            return
-        except ClientDisconnect:
-            if admitted:
-                self.release(key_hash, policed)
-            return
-        except BaseException:
-            if admitted:
-                self.release(key_hash, policed)
+            if isinstance(err, Refused):
+                self._log(student, method, route, err.status, started, err.code)
+                await _refusal(err)(scope, receive, send)
+                return
+            if isinstance(err, ClientDisconnect):
+                return
             raise
         flow = Flow(student, key_hash, route)
         self.flows[key_hash].add(flow)
@@ -657,8 +654,7 @@ async def _serve(app: Starlette, sock: socket.socket, url: str, args) -> None:
         await asyncio.sleep(0.05)
     if server.started:
         table = gateway.keys.table
-        where = f"unix:{gateway.upstream_uds}" if gateway.upstream_uds else gateway.upstream
-        print(f"{READY_LINE} {url} -> {where} ({len(table.active)} student key(s); "
+        print(f"{READY_LINE} {url} -> {shown_at(gateway.upstream, gateway.upstream_uds)} ({len(table.active)} student key(s); "
               f"max_tokens {gateway.limits.max_tokens}, {gateway.limits.per_key_concurrency} open per key, "
               f"{gateway.limits.global_concurrency} in all)", flush=True)
         if args.follow_pid:

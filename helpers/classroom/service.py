@@ -31,6 +31,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import requests
 
@@ -132,32 +133,27 @@ class GatewayProcess:
         return f"<GatewayProcess {self.url} -> {self.record.upstream} {'running' if self.alive else 'stopped'}>"
 
 
-def prune_gateways() -> int:
-    """Remove the records of gateways that are gone (``./tutorial.sh stop``); how many."""
-    removed = 0
+def _gateway_records() -> Iterator[tuple[Path, GatewayRecord]]:
+    """Every readable gateway record, with its file."""
     for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
         try:
-            record = GatewayRecord(**json.loads(path.read_text()))
+            yield path, GatewayRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if not _alive(record):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+
+
+def prune_gateways() -> int:
+    """Remove the records of gateways that are gone (``./tutorial.sh stop``); how many."""
+    gone = [path for path, record in _gateway_records() if not _alive(record)]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return len(gone)
 
 
 def gateways() -> list[GatewayProcess]:
     """The gateways recorded as running. A look: a dead gateway's record is only skipped (a stop,
     or the next gateway on its port, replaces it)."""
-    found = []
-    for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
-        try:
-            record = GatewayRecord(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
-        if _alive(record):
-            found.append(GatewayProcess(record))
-    return found
+    return [GatewayProcess(record) for _, record in _gateway_records() if _alive(record)]
 
 
 def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path | str | None = None,

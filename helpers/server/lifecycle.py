@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import requests
 
-from ..endpoint import UDS_URL, Endpoint, http_url
+from ..endpoint import Endpoint, server_url
 from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStartError,
                       StartupTimeoutError, TutorialError, UnsafeHostError)
 from ..paths import server_environment, short_path, state_dir
@@ -108,12 +108,12 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return UDS_URL if self.config.uds else http_url(self.config.host, self.port)
+        return server_url(self.config.host, self.port, self.config.uds)
 
     @property
     def where(self) -> str:
         """Where it listens, for people: a URL, or ``unix:/path`` for a socket."""
-        return f"unix:{self.config.uds}" if self.config.uds else self.url
+        return self.endpoint.where
 
     @property
     def endpoint(self) -> Endpoint:
@@ -214,7 +214,8 @@ class VLLMServer:
         if self.config.uds and not Path(self.config.uds).parent.is_dir():
             self.config = replace(self.config, uds=private_socket())     # a restart after a stop removed it
         # a server on a Unix socket holds its recorded port (its registry entry) without listening on it
-        taken = {r.port for r in registry.live()}
+        live = registry.live()
+        taken = {r.port for r in live}
         if self.config.port is None:
             port = free_port(self.config.host)
             for _ in range(20):
@@ -225,7 +226,7 @@ class VLLMServer:
                 raise PortInUseError("no free port that no tutorial server holds was found in 20 tries")
             self.config = replace(self.config, port=port)
         elif self.config.port in taken or port_in_use(self.config.port, self.config.host):
-            users = [r for r in registry.live() if r.port == self.config.port]
+            users = [r for r in live if r.port == self.config.port]
             who = f" by the tutorial's server {users[0].describe()}" if users else ""
             raise PortInUseError(
                 f"port {self.config.port} on {self.config.host} is already in use{who}. "

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..endpoint import UDS_URL, http_url
+from ..endpoint import server_url, shown_at
 from ..paths import state_dir
 from .guard import ProcessGroup, command_of, runs
 
@@ -55,11 +55,11 @@ class ServerRecord:
 
     @property
     def url(self) -> str:
-        return UDS_URL if self.uds else http_url(self.host, self.port)
+        return server_url(self.host, self.port, self.uds)
 
     @property
     def where(self) -> str:
-        return f"unix:{self.uds}" if self.uds else self.url
+        return shown_at(self.url, self.uds)
 
     def group(self) -> ProcessGroup:
         """The server's processes: the guard's group while the guard runs, then only those

@@ -164,13 +164,22 @@ def test_start_gateway_refuses_a_vllm_reachable_from_the_network(tmp_path):
 
 
 # --------------------------------------------------------------------------- a hostile peer
+@contextlib.contextmanager
 def _started(fake, tmp_path, *limits: str):
+    """A gateway process with these limits; yields (gateway, port, keys, sockets), and at the end
+    closes every socket the test put in ``sockets`` and the gateway."""
     path, made = make_keys(tmp_path, "ana", "ben")
     port = free_port()
     gw = Gateway(["--host", "127.0.0.1", "--port", str(port), "--upstream", fake.url, *limits],
                  {KEYS_VARIABLE: str(path), INTERNAL_KEY_VARIABLE: INTERNAL_KEY})
-    assert gw.ready(), gw.text()
-    return gw, port, made
+    sockets: list[socket.socket] = []
+    try:
+        assert gw.ready(), gw.text()
+        yield gw, port, made, sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+        gw.close()
 
 
 def _closed_by_the_server(sock: socket.socket) -> bool:
@@ -200,10 +209,9 @@ def _hostile_sockets(port: int, count: int, first_bytes: bytes) -> list[socket.s
 def test_six_hundred_half_sent_request_lines_do_not_shut_out_the_class(fake, tmp_path):
     # Seen before this guard: 600 sockets that each sent half a request line got every student a
     # 503 until they closed (uvicorn counted them against limit_concurrency and never timed them out).
-    gw, port, made = _started(fake, tmp_path, "--header-timeout", "3", "--per-peer-connections", "32")
-    hostile: list[socket.socket] = []
-    try:
+    with _started(fake, tmp_path, "--header-timeout", "3", "--per-peer-connections", "32") as (gw, port, made, opened):
         hostile = _hostile_sockets(port, 600, b"POST /v1/chat/completions HT")
+        opened += hostile
         # at most 32 of them are held; every other one was closed at once
         assert wait_for(lambda: sum(not _closed_by_the_server(s) for s in hostile) <= 32, 30)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -215,15 +223,10 @@ def test_six_hundred_half_sent_request_lines_do_not_shut_out_the_class(fake, tmp
         assert wait_for(lambda: all(_closed_by_the_server(s) for s in hostile), 30)
         assert "127.0.0.2 has 32 open, the most one address may hold" in gw.text()
         assert "Traceback" not in gw.text() and "Exceeded concurrency limit" not in gw.text()
-    finally:
-        for sock in hostile:
-            sock.close()
-        gw.close()
 
 
 def test_an_idle_connection_is_closed_but_a_long_stream_is_not(fake, tmp_path):
-    gw, port, made = _started(fake, tmp_path, "--header-timeout", "2")
-    try:
+    with _started(fake, tmp_path, "--header-timeout", "2") as (gw, port, made, opened):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             # a stream that lasts longer than the header timeout (12 events 0.5 s apart) ends whole
             with client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
@@ -232,24 +235,20 @@ def test_an_idle_connection_is_closed_but_a_long_stream_is_not(fake, tmp_path):
             assert body.count(b"data: ") == 13 and body.endswith(b"data: [DONE]\n\n")
         # a connection that never sends a request is closed after the timeout
         idle = _hostile_sockets(port, 1, b"")
+        opened += idle
         assert wait_for(lambda: _closed_by_the_server(idle[0]), 30)
-        idle[0].close()
-    finally:
-        gw.close()
 
 
 def test_a_slow_upload_holds_one_of_its_keys_places(fake, tmp_path):
     # The key's concurrency is counted before the body is read: five slow uploads on one key get
     # the fifth a 429 at once, and another key is served meanwhile.
-    gw, port, made = _started(fake, tmp_path, "--per-key-concurrency", "4", "--body-timeout", "60")
-    uploads: list[socket.socket] = []
-    try:
+    with _started(fake, tmp_path, "--per-key-concurrency", "4", "--body-timeout", "60") as (gw, port, made, opened):
         head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {made['ana']}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode()
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", port))
+            opened.append(sock)
             sock.sendall(head)
-            uploads.append(sock)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             def fifth_is_refused() -> bool:
                 reply = client.post("/v1/chat/completions", headers=bearer(made["ana"]),
@@ -259,17 +258,12 @@ def test_a_slow_upload_holds_one_of_its_keys_places(fake, tmp_path):
             reply = client.post("/v1/chat/completions", headers=bearer(made["ben"]),
                                 json={"messages": [], "max_tokens": 4})
             assert reply.status_code == 200, reply.text
-    finally:
-        for sock in uploads:
-            sock.close()
-        gw.close()
 
 
 def test_websocket_upgrades_do_not_use_up_an_addresss_connections(fake, tmp_path):
     # Found by a reader: uvicorn hands an upgraded socket to a WebSocket protocol object, so the
     # connection's end never reached the count and 64 upgrade requests locked an address out.
-    gw, port, made = _started(fake, tmp_path, "--per-peer-connections", "8")
-    try:
+    with _started(fake, tmp_path, "--per-peer-connections", "8") as (gw, port, made, _):
         upgrade = (b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         for _ in range(20):
@@ -287,5 +281,3 @@ def test_websocket_upgrades_do_not_use_up_an_addresss_connections(fake, tmp_path
                 except httpx.TransportError:                            # refused: the count leaked
                     return False
             assert wait_for(served, 10), gw.text()
-    finally:
-        gw.close()
