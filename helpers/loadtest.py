@@ -424,7 +424,6 @@ class _Run:
 
     endpoint: Endpoint
     spec: "LoadSpec"
-    conversations: tuple[tuple[str, ...], ...]
     records: list[RequestResult] = field(default_factory=list)
     streaming: int = 0
     lags: list[float] = field(default_factory=list)
@@ -628,6 +627,8 @@ class LoadSpec:
     model: str | None = None
     api_key: str | None = None
     api_keys: Sequence[str] = ()
+    # derived from prompts when made: one conversation (question, follow-ups) per entry
+    conversations: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         users, turns, max_tokens = self.users, self.turns, self.max_tokens
@@ -647,7 +648,8 @@ class LoadSpec:
                                 f"got {self.reader!r}")
         object.__setattr__(self, "duration_limit", float(self.duration_limit))
         object.__setattr__(self, "api_keys", tuple(self.api_keys or ()))
-        _conversations(self.prompts)          # checked now, not when the load is half run
+        # checked now, not when the load is half run
+        object.__setattr__(self, "conversations", _conversations(self.prompts))
 
 
 def _spec(users: int | LoadSpec | None, options: dict) -> LoadSpec:
@@ -659,8 +661,7 @@ def _spec(users: int | LoadSpec | None, options: dict) -> LoadSpec:
 
 
 def _prepare(target, spec: LoadSpec) -> _Run:
-    return _Run(endpoint=as_endpoint(target, spec.model, spec.api_key), spec=spec,
-                conversations=_conversations(spec.prompts))
+    return _Run(endpoint=as_endpoint(target, spec.model, spec.api_key), spec=spec)
 
 
 async def run_load_async(target: Any, users: int | LoadSpec | None = None, **options: Any) -> LoadResult:
