@@ -23,6 +23,7 @@ line). Running gateways are recorded next to the servers (``gateway-<port>.json`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -115,6 +116,9 @@ class GatewayProcess:
             guard.send([self.record.guard_pid], signal.SIGTERM)
             group.wait_empty(timeout, poll=self._reap)
         group.stop(guard.GRACE, poll=self._reap)
+        if self._popen is not None:        # killed just now: reap it, or `alive` still reads True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout=guard.GRACE)
         self._reap()
         if self._owner_fd is not None:
             os.close(self._owner_fd)
