@@ -6,23 +6,36 @@
 #
 # SUITE_DIR holds wh/ (the test set's wheels for Python 3.12: pytest, nbval, ipykernel, ...;
 # made with `pip download --only-binary=:all: --python-version 3.12 -r ...`) and smollm2/ (the
-# embedded model's config.json, tokenizer and chat template, no weights: vLLM makes random
-# weights of that shape with --load-format dummy, so answers are noise and only --nbval-lax fits).
-# Stages: unit (every test not marked vllm), notebooks (02-04 on the shared server under
-# --nbval-lax, and the build's own checks). JUnit files and logs go to $OUT.
+# embedded model's config.json, tokenizer and chat template, no weights: this script writes random
+# weights of that shape with transformers, so every server a lesson starts by hand loads them as it
+# would real ones; answers are noise, so only --nbval-lax fits).
+# Stages (each within one device call of 600 s; the machine keeps /tmp between warm calls):
+#   unit       every test not marked vllm
+#   notebooks  02-04 on the shared server, and the build's own checks
+#   lessons-a  notebooks 00-05          lessons-b  notebooks 06-08
+#   solutions  the exercises' solutions
+#   server     the tests marked vllm, except the browser and network-namespace ones
+# JUnit files and logs go to $OUT.
 set -u
 suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks]}
 shift
 stages=${*:-unit notebooks}
 out=${OUT:-/tmp/gpu-suite-out}
 mkdir -p "$out" /tmp/suite-site
-for w in "$suite"/wh/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
+[ -d /tmp/suite-site/pytest ] || for w in "$suite"/wh/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
 export PYTHONPATH=/tmp/site:/tmp/suite-site:$PWD
 export PATH=$PATH:/tmp/site/bin
-model=/tmp/smollm2-dummy
-rm -rf "$model" && cp -r "$suite/smollm2" "$model"
+model=/tmp/smollm2-random
+if [ ! -f "$model/model.safetensors" ]; then
+  rm -rf "$model" && cp -r "$suite/smollm2" "$model"
+  python3 - "$model" <<'EOF'
+import sys, torch, transformers
+torch.manual_seed(0)
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(sys.argv[1])
+EOF
+fi
 export TUTORIAL_MODEL=$model TUTORIAL_SERVED_MODEL_NAME=smollm2-135m-instruct TUTORIAL_MAX_MODEL_LEN=2048
-export TUTORIAL_EXTRA_ARGS="--load-format dummy"
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader | tee "$out/device.txt"
 python3 - <<'EOF' | tee -a "$out/device.txt"
 import importlib.metadata as m, platform
@@ -45,6 +58,18 @@ for stage in $stages; do
             notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb \
             --junitxml="$out/notebooks.xml" > "$out/notebooks.log" 2>&1
           echo "notebooks: exit $?; $(tail -1 "$out/notebooks.log")" ;;
+    lessons-a|lessons-b|solutions)
+          case $stage in
+            lessons-a) paths=(notebooks/0[0-5]_*.ipynb) ;;
+            lessons-b) paths=(notebooks/0[6-9]_*.ipynb) ;;
+            solutions) paths=(notebooks/solutions/*.ipynb) ;;
+          esac
+          timeout 560 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
+            --nbval-cell-timeout 400 "${paths[@]}" --junitxml="$out/$stage.xml" > "$out/$stage.log" 2>&1
+          echo "$stage: exit $?; $(tail -1 "$out/$stage.log")" ;;
+    server) timeout 560 python3 -m pytest "${opts[@]}" -m "vllm and not browser and not netns" tests \
+            --junitxml="$out/server.xml" > "$out/server.log" 2>&1
+          echo "server: exit $?; $(tail -1 "$out/server.log")" ;;
   esac
 done
 # `timeout` signals pytest alone: end any server it left (the pattern cannot match this line).
