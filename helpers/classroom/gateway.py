@@ -422,7 +422,12 @@ class Gateway:
 
     async def _relay(self, flow: Flow, method: str, payload: bytes | None, changed: list[str],
                      receive, send) -> tuple[int | str, str]:
-        headers = {"Authorization": f"Bearer {self._internal_key}", "Accept-Encoding": "identity"}
+        # X-Session-ID: one value per student key (a prefix of its hash, never the key or the name),
+        # so that a router in front of several replicas (vllm-router's consistent_hash, notebook 09)
+        # sends a student's requests, and so their conversation's cached prefix, to one replica.
+        # The student's own headers are not passed on: nobody picks a replica, or sets it for another.
+        headers = {"Authorization": f"Bearer {self._internal_key}", "Accept-Encoding": "identity",
+                   "X-Session-ID": flow.key_hash[:16]}
         if payload is not None:
             headers["Content-Type"] = "application/json"
         request = self.client.build_request(method, flow.route, content=payload, headers=headers)

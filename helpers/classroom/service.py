@@ -29,10 +29,12 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import requests
 
@@ -163,23 +165,54 @@ def gateways() -> list[GatewayProcess]:
 def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path | str | None = None,
                   limits: Limits | None = None, internal_key: str | None = None, detached: bool | None = None,
                   timeout: float = 30.0, progress=print) -> GatewayProcess:
-    """Start the gateway in front of ``server`` (a ready ``VLLMServer`` on loopback) and wait
-    until it accepts connections on ``host``:``port`` (a free port when None).
+    """Start the gateway in front of ``server`` and wait until it accepts connections on
+    ``host``:``port`` (a free port when None).
 
+    * ``server``: a ready ``VLLMServer`` on loopback (the gateway ends when it ends), or the
+      ``http://127.0.0.1:PORT`` URL of something that speaks vLLM's API there, such as a router in
+      front of several replicas (notebook 09); the gateway then runs until it is stopped.
     * ``keys_path``: the keys file (``$TUTORIAL_GATEWAY_KEYS``, else the default in
       ``keys.default_dir()``); it must exist and be private (mode 0600).
     * ``internal_key``: vLLM's own key; by default the server's ``api_key``. A server without
       one is served all the same, with a note (any program on this machine can reach it).
     * ``detached``: by default like the server (a server this process owns and did not detach:
-      the gateway ends with this process too). Either way it ends when the server ends.
+      the gateway ends with this process too); for a URL, not detached.
     """
+    if isinstance(server, str):
+        return _start(_Upstream(server), host=host, port=port, keys_path=keys_path, limits=limits,
+                      internal_key=internal_key, detached=bool(detached), timeout=timeout, progress=progress)
     if server.config.host not in LOOPBACK:
         raise GatewayError(
             f"vLLM listens on {server.config.host}, so students could reach it around the gateway (vLLM's "
             f"--api-key leaves /invocations, /tokenize, /metrics ... open); start it with host 127.0.0.1")
     if server.record is None or not server.alive:
         raise GatewayError(f"{server!r} is not running; start it first")
-    internal_key = internal_key or server.config.api_key
+    if detached is None:
+        detached = server.detached or not server.owned
+    return _start(server, host=host, port=port, keys_path=keys_path, limits=limits, internal_key=internal_key,
+                  detached=detached, timeout=timeout, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    """What the gateway needs of an upstream given by its URL (a router on loopback)."""
+
+    url: str
+
+    def __post_init__(self):
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK or not parts.port:
+            raise GatewayError(f"the upstream must be http://127.0.0.1:PORT (on this machine, so that nobody "
+                               f"reaches it around the gateway), got {self.url!r}")
+
+    where = property(lambda self: self.url)
+    name = property(lambda self: self.url)
+    record = None
+    config = None
+
+
+def _start(server, *, host, port, keys_path, limits, internal_key, detached, timeout, progress) -> GatewayProcess:
+    internal_key = internal_key or (server.config.api_key if server.config else None)
     if not internal_key:
         progress(f"note: vLLM at {server.where} takes requests without a key: any program on this machine can use "
                  f"it; for a class start it with api_key=<a random internal key>")
@@ -194,15 +227,15 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
     elif port_in_use(port, host):
         raise GatewayError(f"port {port} on {host} is already in use")
     limits = limits or Limits()
-    if detached is None:
-        detached = server.detached or not server.owned
     logs = state_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"gateway-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
-    argv = [server.config.python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
-            "--upstream", server.url, "--follow-pid", str(server.record.guard_pid),
-            "--follow-start", str(server.record.guard_started)]
-    if server.config.uds:
+    python = server.config.python if server.config else sys.executable
+    argv = [python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
+            "--upstream", server.url]
+    if server.record is not None:                       # a VLLMServer: end with it
+        argv += ["--follow-pid", str(server.record.guard_pid), "--follow-start", str(server.record.guard_started)]
+    if server.config and server.config.uds:
         argv += ["--upstream-uds", server.config.uds]
     for f in fields(Limits):
         argv += ["--" + f.name.replace("_", "-"), str(getattr(limits, f.name))]

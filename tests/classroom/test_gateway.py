@@ -191,6 +191,21 @@ def test_a_valid_key_is_replaced_by_the_internal_key_and_no_other_header_goes_al
     assert not any(made["ana"] in line or INTERNAL_KEY in line for line in gw.lines)
 
 
+def test_each_key_goes_upstream_with_a_session_id_of_its_own_that_the_student_cannot_set(fake, class_keys):
+    """A router's consistent_hash (notebook 09) keeps a student on one replica by X-Session-ID:
+    one value per key, derived from its hash (never the key or the name), not the client's."""
+    path, made = class_keys
+    with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        for name in ("ana", "bo", "ana"):
+            reply = client.post("/v1/completions", json={"model": "fake", "prompt": "hi"},
+                                headers={**bearer(made[name]), "X-Session-ID": "pick-replica-1"})
+            assert reply.status_code == 200, reply.text
+    sent = [r["headers"]["x-session-id"] for r in generation_requests(fake)]
+    ana, bo = (keyfile.hash_key(made[name])[:16] for name in ("ana", "bo"))
+    assert sent == [ana, bo, ana] and ana != bo
+    assert not any(name in value or made[name] in value for value in sent for name in ("ana", "bo"))
+
+
 def test_keys_made_or_revoked_while_running_count_without_a_restart(fake, class_keys):
     path, made = class_keys
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:

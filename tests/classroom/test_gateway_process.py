@@ -163,6 +163,23 @@ def test_start_gateway_refuses_a_vllm_reachable_from_the_network(tmp_path):
         start_gateway(exposed, host="127.0.0.1", keys_path=path)
 
 
+def test_start_gateway_takes_an_upstream_url_on_loopback_only(fake, tmp_path):
+    """In front of a router (notebook 09) the upstream is a URL: served when on loopback, refused
+    when students could reach it around the gateway; the gateway then runs until stopped."""
+    path, made = make_keys(tmp_path, "ana")
+    for exposed in ("http://0.0.0.0:8000", "http://10.0.0.5:8000", "https://127.0.0.1:8000", "127.0.0.1:8000"):
+        with pytest.raises(GatewayError, match="must be http://127.0.0.1:PORT"):
+            start_gateway(exposed, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY)
+    gw = start_gateway(fake.url, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY, progress=lambda m: None)
+    try:
+        reply = httpx.get(gw.url + "/v1/models", headers=bearer(made["ana"]), timeout=10)
+        assert reply.status_code == 200 and reply.json()["data"][0]["id"] == "fake"
+        assert gw.record.upstream == fake.url
+    finally:
+        gw.stop()
+    assert not gw.alive
+
+
 # --------------------------------------------------------------------------- a hostile peer
 @contextlib.contextmanager
 def _started(fake, tmp_path, *limits: str):
