@@ -41,11 +41,11 @@ if WORKER and not os.environ.get("TESTS_WORKER_STATE"):
     if (os.cpu_count() or 1) >= 2 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(WORKER.removeprefix("gw")) % os.cpu_count())
 
-# What a notebook needs. Servers of its own: lessons 01, 05, 06, 08, and 07 where two GPUs are,
+# What a notebook needs. Servers of its own: lessons 01, 05, 06, 08, 09, and 07 where two GPUs are,
 # and the solutions of 01 (on a GPU the shared server is stopped before them). No server at all:
 # lesson 00 and the solutions of 00, 06 and 07. Every other notebook uses the run's shared server.
-OWN_SERVER = re.compile(r"^0[15678]_\w+(?<!_solutions)\.ipynb$|^01_\w+_solutions\.ipynb$")
-NO_SERVER = re.compile(r"^00_|^0[67]_\w+_solutions\.ipynb$")
+OWN_SERVER = re.compile(r"^0[156789]_\w+(?<!_solutions)\.ipynb$|^01_\w+_solutions\.ipynb$")
+NO_SERVER = re.compile(r"^00_|^0[679]_\w+_solutions\.ipynb$")
 
 _shared: dict = {}
 ROOT = Path(__file__).resolve().parent
@@ -71,10 +71,11 @@ def shared_server():
 # worker, in order: each file (a notebook's cells share one kernel; a test file's module
 # fixtures are made once), except that a lesson that holds several servers goes with its
 # browser run, so that the two never run side by side (notebook 05 holds two CPU servers of its
-# own at a time, ~3 GB each, besides the worker's shared one). The grouping is by node id, in a
+# own at a time, ~3 GB each, besides the worker's shared one), and lessons 05 and 09 (two
+# replicas) go in one group, so that their four servers never run at once. The grouping is by node id, in a
 # scheduler of our own: xdist 3.8's `xdist_group` marks group nothing under pytest 9.2 (its
 # worker appends the group to `item._nodeid`, which pytest 9 no longer reports; seen here).
-HEAVY = ("05", "08")
+HEAVY = {"05": "lesson-05", "08": "lesson-08", "09": "lesson-05"}     # lesson -> its group
 # The groups that take longest (measured: tests/README.md), started first.
 LONGEST_FIRST = ["lesson-05", "lesson-08", "tests/browser/test_lab.py", "tests/classroom/test_netns.py",
                  "tests/server/test_lifecycle.py", "notebooks/01_launch_server.ipynb"]
@@ -84,11 +85,11 @@ BROWSER_PARAM = re.compile(r"test_lab\.py::test_notebook_runs_in_jupyterlab\[(\d
 def xdist_group(nodeid: str) -> str:
     browser = BROWSER_PARAM.search(nodeid)
     if browser and browser.group(1) in HEAVY:
-        return f"lesson-{browser.group(1)}"
+        return HEAVY[browser.group(1)]
     file = nodeid.split("::", 1)[0]
     lesson = re.match(r"notebooks/(\d\d)_", file)
     if lesson and lesson.group(1) in HEAVY:
-        return f"lesson-{lesson.group(1)}"
+        return HEAVY[lesson.group(1)]
     return file
 
 
