@@ -12,7 +12,7 @@
 # Stages (each within one device call of 600 s; the machine keeps /tmp between warm calls):
 #   unit       every test not marked vllm
 #   notebooks  02-04 on the shared server, and the build's own checks
-#   lessons-a  notebooks 00-05          lessons-b  notebooks 06-08
+#   lessons-a  notebooks 00-05          lessons-b  notebooks 06-09
 #   solutions  the exercises' solutions
 #   server     the tests marked vllm, except the browser and network-namespace ones
 # JUnit files and logs go to $OUT.
