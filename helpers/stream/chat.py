@@ -381,6 +381,10 @@ def requests_completion(target: Any, prompt: str, *, model: str | None = None,
 def _requests_generate(target: Any, endpoint: str, inputs: dict, model: str | None, api_key: str | None,
                        include_usage: bool, timeout: float, params: dict) -> ChatStream:
     api = as_endpoint(target, model, api_key)
+    if api.uds:      # requests speaks TCP only: it would look up UDS_URL's made-up host name
+        raise ValueError(f"{api.where} is a Unix socket (a class server's vLLM, reachable only on this machine): "
+                         f"requests cannot open one; stream with openai_chat(endpoint.client(), ...), which "
+                         f"goes over it, or through the class gateway's URL")
     body = {"model": api.model, **inputs, **params}
     if include_usage:
         body["stream_options"] = {"include_usage": True}

@@ -736,3 +736,14 @@ def test_async_a_stream_read_twice_raises():
 
     with FaultServer(Reply(parts=[CHAT])) as server:
         assert run_async(server, twice).text == CHAT_TEXT
+
+
+def test_requests_on_a_unix_socket_endpoint_says_so_instead_of_a_dns_error(tmp_path):
+    """A class server's vLLM listens on a Unix socket (Endpoint.uds): requests cannot open one,
+    and the error says so and names what can, before any lookup of the made-up host name."""
+    from helpers.endpoint import UDS_URL
+
+    api = Endpoint(UDS_URL, "served-name", "sk-local", uds=str(tmp_path / "vllm.sock"))
+    for call in (requests_chat, requests_completion):
+        with pytest.raises(ValueError, match=r"unix:.*vllm\.sock is a Unix socket.*openai_chat\(endpoint\.client\(\)"):
+            call(api, "hi")
