@@ -133,11 +133,16 @@ def json_depth(raw: bytes, stop_above: int = MAX_JSON_DEPTH) -> int:
     return peak
 
 
+def refuse_if_too_deep(raw: bytes, what: str, param: str | None = None) -> None:
+    """``Refused`` (400) when ``raw`` nests deeper than ``MAX_JSON_DEPTH``, before ``json.loads``
+    (whose recursion a deep enough body exhausts)."""
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise Refused(400, f"{what} nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json", param=param)
+
+
 def parse_body(raw: bytes) -> dict:
     """The request's JSON object; ``Refused`` (400) for anything else."""
-    if json_depth(raw) > MAX_JSON_DEPTH:
-        raise Refused(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
-                      code="invalid_json")
+    refuse_if_too_deep(raw, "the request body")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -329,8 +334,7 @@ def _json_in_a_string(text: str, where: str):
     stripped = text.lstrip()
     if not stripped.startswith(("{", "[")):
         return text                                    # a plain string (a name, a description)
-    if json_depth(text.encode()) > MAX_JSON_DEPTH:
-        raise Refused(400, f"{where} nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json", param=where)
+    refuse_if_too_deep(text.encode(), where, param=where)
     try:
         return json.loads(text)
     except ValueError:
