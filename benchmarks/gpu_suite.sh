@@ -17,7 +17,7 @@
 #   server     the tests marked vllm, except the browser and network-namespace ones
 # JUnit files and logs go to $OUT.
 set -u
-suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks]}
+suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks] [lessons-a] [lessons-b] [solutions] [server]}
 shift
 stages=${*:-unit notebooks}
 out=${OUT:-/tmp/gpu-suite-out}

@@ -170,7 +170,9 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
 
     * ``server``: a ready ``VLLMServer`` on loopback (the gateway ends when it ends), or the
       ``http://127.0.0.1:PORT`` URL of something that speaks vLLM's API there, such as a router in
-      front of several replicas (notebook 09); the gateway then runs until it is stopped.
+      front of several replicas (notebook 09); the gateway then runs until it is stopped. Loopback
+      keeps other machines out, not other users of this one: vllm-router checks no client key
+      (its routes include ``/add_worker``), and vLLM's key guards ``/v1`` only; a note says so.
     * ``keys_path``: the keys file (``$TUTORIAL_GATEWAY_KEYS``, else the default in
       ``keys.default_dir()``); it must exist and be private (mode 0600).
     * ``internal_key``: vLLM's own key; by default the server's ``api_key``. A server without
@@ -179,7 +181,11 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
       the gateway ends with this process too); for a URL, not detached.
     """
     if isinstance(server, str):
-        return _start(_Upstream(server), host=host, port=port, keys_path=keys_path, limits=limits,
+        upstream = _Upstream(server)
+        progress(f"note: {server} is on loopback, out of other machines' reach but not of other users of this "
+                 f"one: a router checks no key of its own (vllm-router's /add_worker included), so serve a class "
+                 f"this way from a machine nobody else logs in to")
+        return _start(upstream, host=host, port=port, keys_path=keys_path, limits=limits,
                       internal_key=internal_key, detached=bool(detached), timeout=timeout, progress=progress)
     if server.config.host not in LOOPBACK:
         raise GatewayError(
@@ -201,7 +207,11 @@ class _Upstream:
 
     def __post_init__(self):
         parts = urlsplit(self.url)
-        if parts.scheme != "http" or parts.hostname not in LOOPBACK or not parts.port:
+        try:
+            port = parts.port
+        except ValueError:                     # a port out of range
+            port = None
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK or not port:
             raise GatewayError(f"the upstream must be http://127.0.0.1:PORT (on this machine, so that nobody "
                                f"reaches it around the gateway), got {self.url!r}")
 

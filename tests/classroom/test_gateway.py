@@ -203,7 +203,6 @@ def test_each_key_goes_upstream_with_a_session_id_of_its_own_that_the_student_ca
     sent = [r["headers"]["x-session-id"] for r in generation_requests(fake)]
     ana, bo = (keyfile.hash_key(made[name])[:16] for name in ("ana", "bo"))
     assert sent == [ana, bo, ana] and ana != bo
-    assert not any(name in value or made[name] in value for value in sent for name in ("ana", "bo"))
 
 
 def test_keys_made_or_revoked_while_running_count_without_a_restart(fake, class_keys):

@@ -167,14 +167,24 @@ def test_start_gateway_takes_an_upstream_url_on_loopback_only(fake, tmp_path):
     """In front of a router (notebook 09) the upstream is a URL: served when on loopback, refused
     when students could reach it around the gateway; the gateway then runs until stopped."""
     path, made = make_keys(tmp_path, "ana")
-    for exposed in ("http://0.0.0.0:8000", "http://10.0.0.5:8000", "https://127.0.0.1:8000", "127.0.0.1:8000"):
+    for exposed in ("http://0.0.0.0:8000", "http://10.0.0.5:8000", "https://127.0.0.1:8000", "127.0.0.1:8000",
+                    "http://127.0.0.1:99999"):
         with pytest.raises(GatewayError, match="must be http://127.0.0.1:PORT"):
             start_gateway(exposed, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY)
-    gw = start_gateway(fake.url, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY, progress=lambda m: None)
+    path.chmod(0o644)                                  # a keys file others can read: refused as before
+    with pytest.raises(GatewayError, match="0644|others|private|mode"):
+        start_gateway(fake.url, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY, progress=lambda m: None)
+    path.chmod(0o600)
+    notes: list[str] = []
+    gw = start_gateway(fake.url, host="127.0.0.1", keys_path=path, internal_key=INTERNAL_KEY, progress=notes.append)
     try:
         reply = httpx.get(gw.url + "/v1/models", headers=bearer(made["ana"]), timeout=10)
         assert reply.status_code == 200 and reply.json()["data"][0]["id"] == "fake"
         assert gw.record.upstream == fake.url
+        assert any("not of other users" in note for note in notes)
+        for pid in gw.pids():                          # the internal key reaches it in its environment only
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert INTERNAL_KEY.encode() not in f.read()
     finally:
         gw.stop()
     assert not gw.alive
