@@ -48,28 +48,22 @@ for name in ("vllm", "torch", "nvidia-nccl-cu13", "transformers", "openai"):
         print(f"{name:18} not installed")
 EOF
 opts=(-o addopts= -p no:cacheprovider -q -rfEs --durations=10)
+run() {  # run STAGE SECONDS PYTEST-ARGS...: pytest within a time limit; its log and JUnit file go to $out
+  local stage=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m pytest "${opts[@]}" "$@" --junitxml="$out/$stage.xml" > "$out/$stage.log" 2>&1
+  echo "$stage: exit $?; $(tail -1 "$out/$stage.log")"
+}
+lax=(--nbval-lax --nbval-current-env)
 for stage in $stages; do
   case $stage in
-    unit) timeout 150 python3 -m pytest "${opts[@]}" -n 8 -m "not vllm" tests \
-            --junitxml="$out/unit.xml" > "$out/unit.log" 2>&1
-          echo "unit: exit $?; $(tail -1 "$out/unit.log")" ;;
-    notebooks) timeout 370 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
-            --nbval-cell-timeout 300 tests/server/test_builds.py notebooks/02_list_models.ipynb \
-            notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb \
-            --junitxml="$out/notebooks.xml" > "$out/notebooks.log" 2>&1
-          echo "notebooks: exit $?; $(tail -1 "$out/notebooks.log")" ;;
-    lessons-a|lessons-b|solutions)
-          case $stage in
-            lessons-a) paths=(notebooks/0[0-5]_*.ipynb) ;;
-            lessons-b) paths=(notebooks/0[6-9]_*.ipynb) ;;
-            solutions) paths=(notebooks/solutions/*.ipynb) ;;
-          esac
-          timeout 560 python3 -m pytest "${opts[@]}" --nbval-lax --nbval-current-env \
-            --nbval-cell-timeout 400 "${paths[@]}" --junitxml="$out/$stage.xml" > "$out/$stage.log" 2>&1
-          echo "$stage: exit $?; $(tail -1 "$out/$stage.log")" ;;
-    server) timeout 560 python3 -m pytest "${opts[@]}" -m "vllm and not browser and not netns" tests \
-            --junitxml="$out/server.xml" > "$out/server.log" 2>&1
-          echo "server: exit $?; $(tail -1 "$out/server.log")" ;;
+    unit) run unit 150 -n 8 -m "not vllm" tests ;;
+    notebooks) run notebooks 370 "${lax[@]}" --nbval-cell-timeout 300 tests/server/test_builds.py \
+                 notebooks/02_list_models.ipynb notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb ;;
+    lessons-a) run lessons-a 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0-5]_*.ipynb ;;
+    lessons-b) run lessons-b 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[6-9]_*.ipynb ;;
+    solutions) run solutions 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
+    server) run server 560 -m "vllm and not browser and not netns" tests ;;
   esac
 done
 # `timeout` signals pytest alone: end any server it left (the pattern cannot match this line).
