@@ -18,7 +18,10 @@ host starts both; notebook 08 shows each piece.)
 * ``service``: ``start_gateway(server, host=...)`` runs the gateway under the project's guard,
   ending with its owner and with its server; ``gateways()`` lists the running ones;
   ``start_class_server(settings)`` starts both pieces as ``./tutorial.sh serve`` does;
-* ``connections``: the gateway's bounds on what a peer holds before sending a whole request.
+* ``connections``: the gateway's bounds on what a peer holds before sending a whole request;
+* ``network``: ``PrivateNetwork``, a network namespace of this user's own for a router and its
+  replicas (notebook 09), which the gateway enters after binding its port; ``isolated``, which
+  runs a class server's vLLM alone in one (its engine's ports out of other users' reach).
 
     from helpers import get_server
     from helpers.classroom import create_keys, start_gateway
@@ -32,6 +35,7 @@ _EXPORTS = {
     "make_app": "gateway", "KeysError": "keys", "create_keys": "keys", "revoke": "keys", "students": "keys",
     "Limits": "policy", "GatewayError": "service", "GatewayProcess": "service", "gateways": "service",
     "start_gateway": "service", "start_class_server": "service", "ClassServer": "service",
+    "PrivateNetwork": "network", "PrivateNetworkError": "network",
 }
 __all__ = sorted(_EXPORTS)
 

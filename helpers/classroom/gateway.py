@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="vLLM's URL on this machine, e.g. http://127.0.0.1:8000")
     parser.add_argument("--upstream-uds", default=None,
                         help="vLLM's Unix socket (vLLM's --uds), reached with --upstream's URL as the Host")
+    parser.add_argument("--network", default=None, metavar="PID:START",
+                        help="after binding --host:--port, enter the private network held by this process "
+                             "(helpers.classroom.network): the upstream is the one inside")
     parser.add_argument("--follow-pid", type=int, default=None, help="stop when this process (vLLM's guard) ends")
     parser.add_argument("--follow-start", type=int, default=None, help="its start time (/proc/PID/stat field 22)")
     for f in fields(Limits):
@@ -700,6 +703,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: the upstream {args.upstream} is not on loopback; vLLM itself should listen on "
               f"127.0.0.1 so that nothing reaches it around the gateway", flush=True)
     sock = _bind(args.host, args.port)
+    if args.network:
+        from . import network
+
+        pid, _, started = args.network.partition(":")
+        try:
+            network.enter(int(pid), int(started) if started else None)
+        except (ValueError, network.PrivateNetworkError) as err:
+            print(f"error: --network {args.network}: {err}", file=sys.stderr)
+            return 2
     from ..endpoint import http_url
 
     asyncio.run(_serve(app, sock, http_url(args.host, sock.getsockname()[1]), args))

@@ -164,7 +164,7 @@ def gateways() -> list[GatewayProcess]:
 
 def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path | str | None = None,
                   limits: Limits | None = None, internal_key: str | None = None, detached: bool | None = None,
-                  timeout: float = 30.0, progress=print) -> GatewayProcess:
+                  network=None, timeout: float = 30.0, progress=print) -> GatewayProcess:
     """Start the gateway in front of ``server`` and wait until it accepts connections on
     ``host``:``port`` (a free port when None).
 
@@ -172,7 +172,11 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
       ``http://127.0.0.1:PORT`` URL of something that speaks vLLM's API there, such as a router in
       front of several replicas (notebook 09); the gateway then runs until it is stopped. Loopback
       keeps other machines out, not other users of this one: vllm-router checks no client key
-      (its routes include ``/add_worker``), and vLLM's key guards ``/v1`` only; a note says so.
+      (its routes include ``/add_worker``), and vLLM's key guards ``/v1`` only; a note says so,
+      unless ``network`` is given.
+    * ``network``: with a URL, the ``PrivateNetwork`` (``helpers.classroom.network``) that the
+      router and its replicas run in: the gateway binds ``host``:``port`` here, then enters it,
+      and reaches the URL inside, where no other user of this machine can.
     * ``keys_path``: the keys file (``$TUTORIAL_GATEWAY_KEYS``, else the default in
       ``keys.default_dir()``); it must exist and be private (mode 0600).
     * ``internal_key``: vLLM's own key; by default the server's ``api_key``. A server without
@@ -182,11 +186,18 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
     """
     if isinstance(server, str):
         upstream = _Upstream(server)
-        progress(f"note: {server} is on loopback, out of other machines' reach but not of other users of this "
-                 f"one: a router checks no key of its own (vllm-router's /add_worker included), so serve a class "
-                 f"this way from a machine nobody else logs in to")
+        if network is None:
+            progress(f"note: {server} is on loopback, out of other machines' reach but not of other users of this "
+                     f"one: a router checks no key of its own (vllm-router's /add_worker included); run it and its "
+                     f"replicas in a private network (helpers.classroom.network) and pass network=")
+        elif not network.alive:
+            raise GatewayError(f"{network!r} has ended; start the router in a new one")
         return _start(upstream, host=host, port=port, keys_path=keys_path, limits=limits,
-                      internal_key=internal_key, detached=bool(detached), timeout=timeout, progress=progress)
+                      internal_key=internal_key, detached=bool(detached), timeout=timeout, progress=progress,
+                      network=network)
+    if network is not None:
+        raise GatewayError("network= goes with a router's URL; a VLLMServer of this package is reached on its "
+                           "own socket (./tutorial.sh serve keeps it private)")
     if server.config.host not in LOOPBACK:
         raise GatewayError(
             f"vLLM listens on {server.config.host}, so students could reach it around the gateway (vLLM's "
@@ -221,7 +232,8 @@ class _Upstream:
     config = None
 
 
-def _start(server, *, host, port, keys_path, limits, internal_key, detached, timeout, progress) -> GatewayProcess:
+def _start(server, *, host, port, keys_path, limits, internal_key, detached, timeout, progress,
+           network=None) -> GatewayProcess:
     internal_key = internal_key or (server.config.api_key if server.config else None)
     if not internal_key:
         progress(f"note: vLLM at {server.where} takes requests without a key: any program on this machine can use "
@@ -247,6 +259,8 @@ def _start(server, *, host, port, keys_path, limits, internal_key, detached, tim
         argv += ["--follow-pid", str(server.record.guard_pid), "--follow-start", str(server.record.guard_started)]
     if server.config and server.config.uds:
         argv += ["--upstream-uds", server.config.uds]
+    if network is not None:
+        argv += ["--network", f"{network.pid}:{network.started}"]
     for f in fields(Limits):
         argv += ["--" + f.name.replace("_", "-"), str(getattr(limits, f.name))]
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -255,11 +269,12 @@ def _start(server, *, host, port, keys_path, limits, internal_key, detached, tim
     with open(log_path, "ab") as log:
         popen, owner_fd = guard.spawn(argv, marker=secrets.token_hex(8), env=env, log_file=log, owner=not detached)
     info = guard.proc_info(popen.pid)
+    where = server.where if network is None else f"{server.where} in private network {network.pid}"
     record = GatewayRecord(guard_pid=popen.pid, guard_started=info.start_time if info else -1, host=host, port=port,
-                           upstream=server.where, keys_path=str(keys_path), log_path=str(log_path),
+                           upstream=where, keys_path=str(keys_path), log_path=str(log_path),
                            owner_pid=None if detached else os.getpid(), started_at=time.time())
     gateway = GatewayProcess(record, popen, owner_fd)
-    progress(f"Starting the gateway on {gateway.url} -> {server.where} ({len(table.active)} student key(s)); "
+    progress(f"Starting the gateway on {gateway.url} -> {where} ({len(table.active)} student key(s)); "
              f"log: {short_path(log_path)}")
     deadline = time.monotonic() + timeout
     while True:
@@ -305,7 +320,8 @@ def class_internal_key(folder: Path) -> str:
 
 def start_class_server(settings=None, *, detached: bool = True) -> ClassServer:
     """What ``./tutorial.sh serve`` does when ``host`` is a network address: vLLM on a Unix socket
-    only this user can reach (``private=True``), with the internal key (``get_server``: a running one with the same settings is reused), then
+    only this user can reach (``private=True``; it also runs in a network namespace of its own
+    where the machine allows, ``network.isolated``), with the internal key (``get_server``: a running one with the same settings is reused), then
     the gateway on ``settings.host`` (port ``settings.port`` or 8080) with the students' keys file.
     Refused (``NoStudentKeysError``) while that file holds no active key: nobody could get in,
     and a server on the network without keys is what this package never starts."""
