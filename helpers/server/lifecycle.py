@@ -248,8 +248,20 @@ class VLLMServer:
         server_id = secrets.token_hex(8)
         # The log is a file: no colour codes, even when the kernel's environment asks for them.
         env = {**server_environment(), "VLLM_LOGGING_COLOR": "0", **self.config.environment()}
+        argv = self.config.argv()
+        if self.config.uds:
+            # On a Unix socket vLLM needs no network: run it in a namespace with a loopback of its
+            # own, so its engine's torch.distributed and gloo ports are out of other users' reach too.
+            from ..classroom.network import isolated
+
+            alone, why = isolated(argv)
+            if alone:
+                argv = alone
+            else:
+                progress(f"note: vLLM's engine ports stay on this machine's loopback, where other users can reach "
+                         f"them (no HTTP there, but they could disturb the engine): {why}")
         with open(self._log_path, "ab") as log:
-            self._guard, self._owner_fd = guard.spawn(self.config.argv(), marker=server_id, env=env,
+            self._guard, self._owner_fd = guard.spawn(argv, marker=server_id, env=env,
                                                       log_file=log, owner=not self.detached)
         info = guard.proc_info(self._guard.pid)
         self.owned = True

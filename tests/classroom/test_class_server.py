@@ -1,6 +1,6 @@
 """A whole class server as ``./tutorial.sh serve`` starts it (``start_class_server``), against real
-vLLM: vLLM on a Unix socket in a private folder, the gateway in front. Another user of the same
-machine cannot reach vLLM at all (on 127.0.0.1 they could: its key guards only /v1, and
+vLLM: vLLM on a Unix socket in a private folder, in a network namespace of its own, the gateway in
+front. Another user of the same machine cannot reach vLLM at all (on 127.0.0.1 they could: its key guards only /v1, and
 /invocations generates text without one)."""
 
 from __future__ import annotations
@@ -70,15 +70,22 @@ def _check_a_class_server(shared: Path, made: dict) -> None:
         assert uds.parent.parent == shared / "sockets"
         assert stat.S_IMODE(uds.parent.stat().st_mode) == 0o700 and uds.is_socket()
         assert server.record.uds == str(uds) and f"unix:{uds}" in server.record.describe()
-        # its HTTP server listens on no TCP port. (Its worker still listens on loopback ports of
-        # torch.distributed and gloo, vLLM 0.32.0 on the CPU: not HTTP, no route that generates;
-        # the README names that as what is left.)
-        api = [pid for pid in server.record.group().members()
-               if psutil.pid_exists(pid) and "vllm.entrypoints" in " ".join(psutil.Process(pid).cmdline())]
+        # its HTTP server listens on no TCP port
+        members = [pid for pid in server.record.group().members() if psutil.pid_exists(pid)]
+        api = [pid for pid in members if "vllm.entrypoints" in " ".join(psutil.Process(pid).cmdline())]
         assert api                                          # the API server (and the guard that runs it)
         listening = [c for pid in api for c in psutil.Process(pid).net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN]
         assert listening == [], listening
+        # and all of vLLM runs in a network namespace of its own: its engine's torch.distributed
+        # and gloo ports (vLLM 0.32.0 on the CPU) listen in there, none on this machine's loopback
+        here = os.readlink("/proc/self/ns/net")
+        vllm = [pid for pid in members if pid != server.record.guard_pid]
+        assert vllm and all(os.readlink(f"/proc/{pid}/ns/net") != here for pid in vllm)
+        assert [c for c in psutil.net_connections(kind="inet") if c.pid in vllm] == []
+        inside = [line for table in ("tcp", "tcp6") for line in Path(f"/proc/{vllm[0]}/net/{table}").read_text()
+                  .splitlines()[1:] if line.split()[3] == "0A"]      # its namespace's table; 0A: LISTEN
+        assert inside, "the engine's ports were expected, listening inside its namespace"
 
         # a student, through the gateway
         reply = requests.post(gateway.url + "/v1/chat/completions", timeout=300,
