@@ -13,11 +13,12 @@
 #   unit       every test not marked vllm
 #   notebooks  02-04 on the shared server, and the build's own checks
 #   lessons-a  notebooks 00-05          lessons-b  notebooks 06-09
+#   rest       notebooks 00, 01, 05, 06 (those the stages above leave out, with 06 again)
 #   solutions  the exercises' solutions
 #   server     the tests marked vllm, except the browser and network-namespace ones
 # JUnit files and logs go to $OUT.
 set -u
-suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks] [lessons-a] [lessons-b] [solutions] [server]}
+suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks] [lessons-a] [lessons-b] [rest] [solutions] [server]}
 shift
 stages=${*:-unit notebooks}
 out=${OUT:-/tmp/gpu-suite-out}
@@ -62,6 +63,7 @@ for stage in $stages; do
                  notebooks/02_list_models.ipynb notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb ;;
     lessons-a) run lessons-a 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0-5]_*.ipynb ;;
     lessons-b) run lessons-b 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[6-9]_*.ipynb ;;
+    rest) run rest 540 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0156]_*.ipynb ;;
     solutions) run solutions 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
     server) run server 560 -m "vllm and not browser and not netns" tests ;;
   esac
