@@ -251,7 +251,7 @@ def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(
     try:
         workers = lambda: [pid for pid, name in server.processes() if "VLLM::Worker" in name]  # noqa: E731
         assert wait_for(workers, 300), server.processes()   # a loaded machine starts slowly
-        api = next(pid for pid, name in server.processes() if "api_server" in name)
+        api = next(pid for pid, name in server.processes() if "vllm.entrypoints" in name)   # either launch form
         os.kill(api, signal.SIGSTOP)
         os.kill(workers()[0], signal.SIGKILL)
         killed_at = time.monotonic()
