@@ -16,8 +16,9 @@ do anything here). Typed in a terminal::
     curl http://127.0.0.1:8000/health         # refused: this machine's loopback is another one
     inside curl http://127.0.0.1:8000/health  # answered
 
-``PrivateNetwork.start()`` does those first three lines and waits until the namespace exists (a
-``nsenter`` sent too early enters this machine's network instead). ``network.command(argv)``
+``PrivateNetwork.start()`` does those first three lines and waits until the namespace exists and
+its loopback is up (a ``nsenter`` sent too early fails, or, as root, runs in this machine's
+network without a word). ``network.command(argv)``
 is ``argv`` run inside. The class gateway is the one piece with a foot on each side: it binds its
 port on the machine's network first, then enters the namespace (``enter``), so the router it
 connects to is the one inside (``start_gateway(url, network=...)``).
@@ -47,9 +48,11 @@ READY = "private network ready"
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 NOT_ALLOWED_HINT = ("this machine does not let an ordinary user make a user namespace. Check "
                     "`sysctl user.max_user_namespaces` (more than 0), `kernel.unprivileged_userns_clone` (1, on "
-                    "Debian kernels) and `kernel.apparmor_restrict_unprivileged_userns` (0, on Ubuntu 24.04 and "
-                    "later), or a container's seccomp profile; or serve the class from a machine nobody else "
-                    "logs in to")
+                    "older Debian kernels), Ubuntu's AppArmor rule since 23.10 "
+                    "(`kernel.apparmor_restrict_unprivileged_userns`; narrower than turning it off: an AppArmor "
+                    "profile with `userns,` for the programs that need it), or a container's seccomp profile; "
+                    "or serve the class from a machine nobody else logs in to")
+REFUSALS = ("Operation not permitted", "Permission denied", "Invalid argument", "No space left on device")
 
 
 def _start_time(pid: int) -> int | None:
@@ -87,7 +90,7 @@ class PrivateNetwork:
         self.started = _start_time(holder.pid)
 
     @classmethod
-    def start(cls, *, owner: bool = True, timeout: float = 15.0) -> "PrivateNetwork":
+    def start(cls, *, owner: bool = True, timeout: float = 60.0) -> "PrivateNetwork":
         """Make the namespace and wait until it holds. ``owner``: the holder ends when this
         process does (a pipe the kernel closes); processes inside run on until they are stopped."""
         if not sys.platform.startswith("linux"):
@@ -106,34 +109,42 @@ class PrivateNetwork:
         try:
             holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, pass_fds=pass_fds, start_new_session=True)
+        except BaseException:
+            if write_end is not None:
+                os.close(write_end)
+            raise
         finally:
             for fd in pass_fds:
                 os.close(fd)
         network = cls(holder, write_end)
-        deadline = time.monotonic() + timeout
-        line = b""
-        while READY.encode() not in line and time.monotonic() < deadline:
-            ready, _, _ = select.select([holder.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            chunk = os.read(holder.stdout.fileno(), 256)
-            if not chunk:                                   # the holder ended
-                break
-            line += chunk
-        if READY.encode() not in line:
-            try:                                            # its output ended a moment before it did
-                holder.wait(1)
-            except subprocess.TimeoutExpired:
-                pass
-            ended = holder.poll() is not None
-            why = holder.stderr.read().decode(errors="replace").strip() if ended else ""
+        try:
+            said = network._wait_ready(timeout)
+        except BaseException:                               # an interrupt: leave nothing behind
             network.stop()
-            if "Operation not permitted" in why or "Permission denied" in why or "Invalid argument" in why:
+            raise
+        if said is not True:
+            network._end()                                  # then all it wrote to stderr is there
+            why = holder.stderr.read().decode(errors="replace").strip()
+            network.stop()
+            if any(refusal in why for refusal in REFUSALS):
                 raise PrivateNetworkError(f"could not make a private network ({why}): {NOT_ALLOWED_HINT}")
-            raise PrivateNetworkError(f"could not make a private network: "
-                                      f"{why or f'the namespace was not ready within {timeout:.0f} s'}")
+            raise PrivateNetworkError(f"could not make a private network: {why or said}")
         network.started = _start_time(holder.pid)
         return network
+
+    def _wait_ready(self, timeout: float):
+        """True once the holder says it is ready, else why not."""
+        deadline = time.monotonic() + timeout
+        said = b""
+        while READY.encode() not in said:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.holder.stdout], [], [], left)[0]:
+                return f"the namespace was not ready within {timeout:.0f} s"
+            chunk = os.read(self.holder.stdout.fileno(), 256)
+            if not chunk:
+                return "its holder ended without saying it was ready"
+            said += chunk
+        return True
 
     @property
     def alive(self) -> bool:
@@ -145,8 +156,7 @@ class PrivateNetwork:
             raise PrivateNetworkError("the private network's holder has ended; start a new one")
         return ["nsenter", f"--target={self.pid}", "--user", "--net", "--preserve-credentials", "--", *argv]
 
-    def stop(self) -> None:
-        """End the holder. Processes still inside keep the namespace (and run) until they end."""
+    def _end(self) -> None:
         if self.holder.poll() is None:
             self.holder.terminate()
             try:
@@ -154,6 +164,10 @@ class PrivateNetwork:
             except subprocess.TimeoutExpired:
                 self.holder.kill()
                 self.holder.wait()
+
+    def stop(self) -> None:
+        """End the holder. Processes still inside keep the namespace (and run) until they end."""
+        self._end()
         for stream in (self.holder.stdout, self.holder.stderr):
             if stream:
                 stream.close()
@@ -177,22 +191,30 @@ def enter(pid: int, started: int | None) -> None:
     Sockets made before stay where they were made: the gateway binds its port on the machine's
     network first, then calls this, and what it connects to afterwards is inside. Only a
     single-threaded process can enter a user namespace; only the user who made it may."""
+    import errno
+
+    gone = PrivateNetworkError(f"the private network's holder (pid {pid}) is gone")
     if _start_time(pid) is None or (started is not None and _start_time(pid) != started):
-        raise PrivateNetworkError(f"the private network's holder (pid {pid}) is gone")
-    libc = ctypes.CDLL(None, use_errno=True)
-    for kind, flag in (("user", CLONE_NEWUSER), ("net", CLONE_NEWNET)):
-        if _namespace(pid, kind) == _namespace("self", kind):
-            continue                                        # already there
-        try:
-            fd = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY)
-        except OSError as err:
-            raise PrivateNetworkError(f"cannot open the private network of pid {pid}: {err.strerror}") from None
-        try:
+        raise gone
+    opened: list[tuple[int, int]] = []
+    try:
+        for kind, flag in (("user", CLONE_NEWUSER), ("net", CLONE_NEWNET)):     # the user namespace first
+            if _namespace(pid, kind) != _namespace("self", kind):                 # else already there
+                try:
+                    opened.append((os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY), flag))
+                except OSError as err:
+                    raise PrivateNetworkError(f"cannot open the private network of pid {pid}: {err.strerror}") from None
+        if started is not None and _start_time(pid) != started:     # the files opened are that process's
+            raise gone
+        libc = ctypes.CDLL(None, use_errno=True)
+        for fd, flag in opened:
             if libc.setns(fd, flag) != 0:
                 code = ctypes.get_errno()
-                hint = " (a process with threads cannot enter a user namespace)" if kind == "user" else ""
+                hint = (" (a process with threads cannot enter a user namespace)"
+                        if flag == CLONE_NEWUSER and code == errno.EINVAL else "")
                 raise PrivateNetworkError(f"cannot enter the private network of pid {pid}: {os.strerror(code)}{hint}")
-        finally:
+    finally:
+        for fd, _ in opened:
             os.close(fd)
 
 
@@ -208,7 +230,8 @@ def isolated(argv: list[str]) -> tuple[list[str] | None, str]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return None, str(err)
     if probe.returncode != 0:
-        return None, f"{probe.stderr.strip()}: {NOT_ALLOWED_HINT}"
+        why = probe.stderr.strip() or f"exit code {probe.returncode}"
+        return None, f"{why}: {NOT_ALLOWED_HINT}" if any(refusal in why for refusal in REFUSALS) else why
     return [*prefix, "--run", "--", *argv], ""
 
 

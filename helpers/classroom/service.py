@@ -190,7 +190,7 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
             progress(f"note: {server} is on loopback, out of other machines' reach but not of other users of this "
                      f"one: a router checks no key of its own (vllm-router's /add_worker included); run it and its "
                      f"replicas in a private network (helpers.classroom.network) and pass network=")
-        elif not network.alive:
+        elif not network.alive or network.started is None:
             raise GatewayError(f"{network!r} has ended; start the router in a new one")
         return _start(upstream, host=host, port=port, keys_path=keys_path, limits=limits,
                       internal_key=internal_key, detached=bool(detached), timeout=timeout, progress=progress,

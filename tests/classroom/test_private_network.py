@@ -6,10 +6,13 @@ replicas and the real router."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -22,6 +25,8 @@ from support import wait_for
 from test_class_server import NOBODY
 
 TESTS = Path(__file__).resolve().parent
+ALLOWED, WHY_NOT = isolated(["true"])
+needs_namespaces = pytest.mark.skipif(ALLOWED is None, reason=f"this machine forbids user namespaces: {WHY_NOT}")
 UPSTREAM = """
 import sys, uvicorn
 from classroom_support import FakeVLLM
@@ -48,6 +53,7 @@ def inside_answers(network: PrivateNetwork, port: int) -> bool:
     return subprocess.run(network.command([sys.executable, "-c", probe]), capture_output=True).returncode == 0
 
 
+@needs_namespaces
 def test_a_router_in_a_private_network_is_served_through_the_gateway_and_out_of_everyone_elses_reach(tmp_path):
     path, made = make_keys(tmp_path, "ana")
     port = free_port()                                 # free here too, so "refused here" means something
@@ -57,7 +63,7 @@ def test_a_router_in_a_private_network_is_served_through_the_gateway_and_out_of_
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gateway = None
     try:
-        assert wait_for(lambda: inside_answers(network, port), 30), "the stand-in did not start inside"
+        assert wait_for(lambda: inside_answers(network, port), 120), "the stand-in did not start inside"
         assert refused_here(port)                      # this machine's loopback is another one
         notes: list[str] = []
         gateway = start_gateway(f"http://127.0.0.1:{port}", host="127.0.0.1", keys_path=path,
@@ -71,10 +77,6 @@ def test_a_router_in_a_private_network_is_served_through_the_gateway_and_out_of_
         gateway_pid = next(pid for pid in gateway.pids() if pid != gateway.record.guard_pid)
         assert os.readlink(f"/proc/{gateway_pid}/ns/net") == os.readlink(f"/proc/{network.pid}/ns/net")
         assert os.readlink(f"/proc/{gateway_pid}/ns/net") != os.readlink("/proc/self/ns/net")
-        if os.geteuid() == 0:                          # another user cannot enter it
-            tried = subprocess.run(network.command(["true"]), capture_output=True, text=True, timeout=30,
-                                   user=NOBODY, group=NOBODY, extra_groups=[])
-            assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried
     finally:
         if gateway is not None:
             gateway.stop()
@@ -91,6 +93,7 @@ def test_a_router_in_a_private_network_is_served_through_the_gateway_and_out_of_
         enter(network.pid, network.started)
 
 
+@needs_namespaces
 def test_network_goes_with_a_url_only(tmp_path):
     path, _ = make_keys(tmp_path, "ana")
     with PrivateNetwork.start() as network:
@@ -98,6 +101,7 @@ def test_network_goes_with_a_url_only(tmp_path):
             start_gateway(object(), host="127.0.0.1", keys_path=path, network=network)
 
 
+@needs_namespaces
 def test_the_holder_ends_with_its_owner():
     owner = subprocess.Popen([sys.executable, "-c", "import sys, time; from helpers.classroom.network import "
                               "PrivateNetwork; n = PrivateNetwork.start(); print(n.pid, flush=True); time.sleep(600)"],
@@ -122,6 +126,7 @@ def test_a_machine_that_forbids_user_namespaces_gets_the_reason(tmp_path, monkey
         PrivateNetwork.start()
 
 
+@needs_namespaces
 def test_isolated_runs_a_command_alone_with_its_loopback_up_or_says_why_not(tmp_path, monkeypatch):
     """The class server's vLLM (on a Unix socket) runs this way: its engine's ports listen inside."""
     probe = ("import os, socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen();"
@@ -137,3 +142,74 @@ def test_isolated_runs_a_command_alone_with_its_loopback_up_or_says_why_not(tmp_
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     argv, why = isolated(["true"])
     assert argv is None and "Operation not permitted" in why and "apparmor_restrict_unprivileged_userns" in why
+
+
+# As an ordinary user, what a teacher's account does (the test above runs as whoever runs the
+# tests; as root some steps cannot fail: root may enter any namespace). Loaded by its path with
+# the system's Python, as the other user may not enter this checkout's virtual environment.
+TEACHER = 4242
+AS_TEACHER = """
+import importlib.util, json, subprocess, sys
+spec = importlib.util.spec_from_file_location("network", sys.argv[1])
+net = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(net)
+network = net.PrivateNetwork.start()
+listen = "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('up', flush=True); s.accept(); s.accept()"
+listener = subprocess.Popen(network.command([sys.executable, "-c", listen, sys.argv[2]]), stdout=subprocess.PIPE, text=True)
+assert listener.stdout.readline().strip() == "up"
+connect = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10).close()"
+inside = subprocess.run(network.command([sys.executable, "-c", connect, sys.argv[2]]), capture_output=True, text=True)
+gateway_way = \"\"\"
+import importlib.util, socket, sys
+spec = importlib.util.spec_from_file_location("network", sys.argv[1])
+net = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(net)
+outside = socket.socket(); outside.bind(("127.0.0.1", 0)); outside.listen()
+net.enter(int(sys.argv[2]), int(sys.argv[3]))
+socket.create_connection(("127.0.0.1", int(sys.argv[4])), timeout=10).close()
+print("entered after binding outside")
+\"\"\"
+entered = subprocess.run([sys.executable, "-c", gateway_way, sys.argv[1], str(network.pid), str(network.started),
+                          sys.argv[2]], capture_output=True, text=True)
+print(json.dumps({"holder": network.pid, "inside": inside.returncode, "inside_err": inside.stderr,
+                  "entered": entered.stdout.strip() + entered.stderr.strip()}), flush=True)
+sys.stdin.readline()
+listener.kill()
+network.stop()
+"""
+
+
+@needs_namespaces
+def test_an_ordinary_user_makes_enters_and_keeps_out_another(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("acting as two ordinary users needs root (CI runs as root)")
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
+    assert python, "no system python3 that another user can run"
+    folder = Path(tempfile.mkdtemp(prefix="private-network-"))
+    try:
+        folder.chmod(0o755)
+        module = folder / "network.py"
+        shutil.copy(Path(__file__).resolve().parents[2] / "helpers/classroom/network.py", module)
+        module.chmod(0o644)
+        port = free_port()
+        teacher = subprocess.Popen([python, "-c", AS_TEACHER, str(module), str(port)], cwd="/", text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   user=TEACHER, group=TEACHER, extra_groups=[])
+        try:
+            line = teacher.stdout.readline()
+            assert line, teacher.stderr.read()
+            seen = json.loads(line)
+            assert seen["inside"] == 0, seen                 # the teacher's own nsenter gets in
+            assert seen["entered"] == "entered after binding outside", seen
+            assert refused_here(port)                        # nothing of it on this machine's loopback
+            for argv in (["nsenter", f"--target={seen['holder']}", "--user", "--net", "--preserve-credentials",
+                          "--", "true"],
+                         [python, "-c", f"import os; os.open('/proc/{seen['holder']}/ns/net', os.O_RDONLY)"]):
+                tried = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/",
+                                       user=NOBODY, group=NOBODY, extra_groups=[])
+                assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried
+        finally:
+            teacher.communicate("\n", timeout=60)
+        assert teacher.returncode == 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
