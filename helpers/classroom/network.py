@@ -56,7 +56,9 @@ REFUSALS = ("Operation not permitted", "Permission denied", "Invalid argument", 
 
 
 def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names one process."""
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names one process. (As
+    ``guard.proc_info`` reads it; repeated here so that this file needs nothing of the package
+    when it runs by its path, as the tests run it for another user.)"""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
