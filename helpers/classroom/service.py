@@ -185,7 +185,7 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
       the gateway ends with this process too); for a URL, not detached.
     """
     if isinstance(server, str):
-        upstream = _Upstream(server)
+        upstream = _Upstream.from_url(server)
         if network is None:
             progress(f"note: {server} is on loopback, out of other machines' reach but not of other users of this "
                      f"one: a router checks no key of its own (vllm-router's /add_worker included); run it and its "
@@ -206,38 +206,48 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
         raise GatewayError(f"{server!r} is not running; start it first")
     if detached is None:
         detached = server.detached or not server.owned
-    return _start(server, host=host, port=port, keys_path=keys_path, limits=limits, internal_key=internal_key,
-                  detached=detached, timeout=timeout, progress=progress)
+    return _start(_Upstream.from_server(server), host=host, port=port, keys_path=keys_path, limits=limits,
+                  internal_key=internal_key, detached=detached, timeout=timeout, progress=progress)
 
 
 @dataclass(frozen=True)
 class _Upstream:
-    """What the gateway needs of an upstream given by its URL (a router on loopback)."""
+    """What the gateway is put in front of: a ``VLLMServer`` of this package, or a URL on loopback
+    (a router)."""
 
-    url: str
+    url: str                                   # --upstream (with a socket: the Host it is asked as)
+    where: str                                 # as said to the teacher
+    name: str                                  # what it serves
+    api_key: str | None = None                 # the server's own key, the default internal key
+    uds: str | None = None                     # --upstream-uds
+    follow: tuple[int, int] | None = None      # the server's guard: the gateway ends with it
+    python: str = sys.executable               # the interpreter that runs the gateway
 
-    def __post_init__(self):
-        parts = urlsplit(self.url)
+    @classmethod
+    def from_url(cls, url: str) -> "_Upstream":
+        parts = urlsplit(url)
         try:
             port = parts.port
         except ValueError:                     # a port out of range
             port = None
         if parts.scheme != "http" or parts.hostname not in LOOPBACK or not port:
             raise GatewayError(f"the upstream must be http://127.0.0.1:PORT (on this machine, so that nobody "
-                               f"reaches it around the gateway), got {self.url!r}")
+                               f"reaches it around the gateway), got {url!r}")
+        return cls(url=url, where=url, name=url)
 
-    where = property(lambda self: self.url)
-    name = property(lambda self: self.url)
-    record = None
-    config = None
+    @classmethod
+    def from_server(cls, server) -> "_Upstream":
+        return cls(url=server.url, where=server.where, name=server.name, api_key=server.config.api_key,
+                   uds=server.config.uds, follow=(server.record.guard_pid, server.record.guard_started),
+                   python=server.config.python or sys.executable)
 
 
-def _start(server, *, host, port, keys_path, limits, internal_key, detached, timeout, progress,
+def _start(upstream: _Upstream, *, host, port, keys_path, limits, internal_key, detached, timeout, progress,
            network=None) -> GatewayProcess:
-    internal_key = internal_key or (server.config.api_key if server.config else None)
+    internal_key = internal_key or upstream.api_key
     if not internal_key:
-        progress(f"note: vLLM at {server.where} takes requests without a key: any program on this machine can use "
-                 f"it; for a class start it with api_key=<a random internal key>")
+        progress(f"note: vLLM at {upstream.where} takes requests without a key: any program on this machine can "
+                 f"use it; for a class start it with api_key=<a random internal key>")
         internal_key = secrets.token_urlsafe(32)        # sent, and ignored, by a server without a key
     keys_path = Path(keys_path).expanduser() if keys_path else keyfile.default_keys_path()
     try:
@@ -252,13 +262,12 @@ def _start(server, *, host, port, keys_path, limits, internal_key, detached, tim
     logs = state_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"gateway-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
-    python = server.config.python if server.config else sys.executable
-    argv = [python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
-            "--upstream", server.url]
-    if server.record is not None:                       # a VLLMServer: end with it
-        argv += ["--follow-pid", str(server.record.guard_pid), "--follow-start", str(server.record.guard_started)]
-    if server.config and server.config.uds:
-        argv += ["--upstream-uds", server.config.uds]
+    argv = [upstream.python, "-m", "helpers.classroom.gateway", "--host", host, "--port", str(port),
+            "--upstream", upstream.url]
+    if upstream.follow:                                 # a VLLMServer: end with it
+        argv += ["--follow-pid", str(upstream.follow[0]), "--follow-start", str(upstream.follow[1])]
+    if upstream.uds:
+        argv += ["--upstream-uds", upstream.uds]
     if network is not None:
         argv += ["--network", f"{network.pid}:{network.started}"]
     for f in fields(Limits):
@@ -269,7 +278,7 @@ def _start(server, *, host, port, keys_path, limits, internal_key, detached, tim
     with open(log_path, "ab") as log:
         popen, owner_fd = guard.spawn(argv, marker=secrets.token_hex(8), env=env, log_file=log, owner=not detached)
     info = guard.proc_info(popen.pid)
-    where = server.where if network is None else f"{server.where} in private network {network.pid}"
+    where = upstream.where if network is None else f"{upstream.where} in private network {network.pid}"
     record = GatewayRecord(guard_pid=popen.pid, guard_started=info.start_time if info else -1, host=host, port=port,
                            upstream=where, keys_path=str(keys_path), log_path=str(log_path),
                            owner_pid=None if detached else os.getpid(), started_at=time.time())
@@ -291,7 +300,7 @@ def _start(server, *, host, port, keys_path, limits, internal_key, detached, tim
     except requests.RequestException:
         healthy = False
     registry.write_atomically(_record_path(port), asdict(record))
-    progress(f"  gateway ready: {gateway.url} serves {server.name!r}" + ("" if healthy else
+    progress(f"  gateway ready: {gateway.url} serves {upstream.name!r}" + ("" if healthy else
              " (its /health says vLLM is not answering yet)"))
     return gateway
 
