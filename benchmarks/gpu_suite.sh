@@ -52,7 +52,9 @@ opts=(-o addopts= -p no:cacheprovider -q -rfEs --durations=10)
 run() {  # run STAGE SECONDS PYTEST-ARGS...: pytest within a time limit; its log and JUnit file go to $out
   local stage=$1 limit=$2
   shift 2
-  timeout "$limit" python3 -m pytest "${opts[@]}" "$@" --junitxml="$out/$stage.xml" > "$out/$stage.log" 2>&1
+  # SIGINT at the limit: pytest then stops as on Ctrl-C and still writes its summary and JUnit file
+  # (run 4's server stage, killed by SIGTERM, left neither); SIGKILL 30 s later if it does not end
+  timeout -s INT -k 30 "$limit" python3 -m pytest "${opts[@]}" "$@" --junitxml="$out/$stage.xml" > "$out/$stage.log" 2>&1
   echo "$stage: exit $?; $(tail -1 "$out/$stage.log")"
 }
 lax=(--nbval-lax --nbval-current-env)
@@ -61,11 +63,11 @@ for stage in $stages; do
     unit) run unit 150 -n 8 -m "not vllm" tests ;;
     notebooks) run notebooks 370 "${lax[@]}" --nbval-cell-timeout 300 tests/server/test_builds.py \
                  notebooks/02_list_models.ipynb notebooks/03_stream_requests.ipynb notebooks/04_stream_openai.ipynb ;;
-    lessons-a) run lessons-a 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0-5]_*.ipynb ;;
-    lessons-b) run lessons-b 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[6-9]_*.ipynb ;;
-    rest) run rest 540 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0156]_*.ipynb ;;
-    solutions) run solutions 560 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
-    server) run server 560 -m "vllm and not browser and not netns" tests ;;
+    lessons-a) run lessons-a 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0-5]_*.ipynb ;;
+    lessons-b) run lessons-b 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[6-9]_*.ipynb ;;
+    rest) run rest 500 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0156]_*.ipynb ;;
+    solutions) run solutions 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
+    server) run server 530 -m "vllm and not browser and not netns" tests ;;
   esac
 done
 # `timeout` signals pytest alone: end any server it left (the pattern cannot match this line).
