@@ -24,7 +24,7 @@ port on the machine's network first, then enters the namespace (``enter``), so t
 connects to is the one inside (``start_gateway(url, network=...)``).
 
 Linux only; some machines do not let an ordinary user make a user namespace (a sysctl, or a
-container's seccomp profile): ``start()`` then says which.
+container's seccomp profile): ``start()`` then names the settings to check.
 
 This file also runs by its path, inside a new namespace: as the process that holds it
 (``--hold``), or to bring its loopback up and become a command (``--run -- CMD``; ``isolated``,

@@ -75,9 +75,7 @@ def _check_a_class_server(shared: Path, made: dict) -> None:
         members = [pid for pid in server.record.group().members() if psutil.pid_exists(pid)]
         api = [pid for pid in members if "vllm.entrypoints" in " ".join(psutil.Process(pid).cmdline())]
         assert api                                          # the API server (and the guard that runs it)
-        listening = [c for pid in api for c in psutil.Process(pid).net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
-        assert listening == [], listening
+        assert [inode for pid in api for inode in listening_sockets(pid)] == []
         # and all of vLLM runs in a network namespace of its own: its engine's torch.distributed
         # and gloo ports (vLLM 0.32.0 on the CPU) listen in there, none on this machine's loopback
         # (where the machine forbids user namespaces, vLLM starts without one and says so)
@@ -86,8 +84,7 @@ def _check_a_class_server(shared: Path, made: dict) -> None:
             vllm = [pid for pid in members if pid != server.record.guard_pid]
             assert vllm and all(os.readlink(f"/proc/{pid}/ns/net") != here for pid in vllm)
             assert [c for c in psutil.net_connections(kind="inet") if c.pid in vllm] == []
-            inside = [line for table in ("tcp", "tcp6") for line in Path(f"/proc/{vllm[0]}/net/{table}")
-                      .read_text().splitlines()[1:] if line.split()[3] == "0A"]   # its namespace's; 0A: LISTEN
+            inside = [inode for pid in vllm for inode in listening_sockets(pid)]
             assert inside, "the engine's ports were expected, listening inside its namespace"
 
         # a student, through the gateway
@@ -119,6 +116,28 @@ def _check_a_class_server(shared: Path, made: dict) -> None:
     if refused is None:
         pytest.skip("checked as another user only where the test runs as root (CI does)")
     assert refused == "refused: PermissionError 13"
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """The TCP sockets ``pid`` holds that listen, read from its own network namespace's tables
+    (psutil matches against the caller's, where a process in another namespace shows none)."""
+    held = set()
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    for fd in descriptors:
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:                                     # closed meanwhile
+            pass
+    inodes = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in held:      # 0A: LISTEN
+                inodes.append(fields[9])
+    return inodes
 
 
 def as_nobody(path: Path) -> str:
