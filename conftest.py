@@ -139,17 +139,6 @@ def _class_student() -> bool:
     return bool(load_settings().server_url)
 
 
-_user_namespaces: list[str] = []       # "" once allowed, else why not (asked once)
-
-
-def _user_namespaces_refused() -> str:
-    if not _user_namespaces:
-        from helpers.classroom.network import isolated
-
-        _user_namespaces.append(isolated(["true"])[1] if isolated(["true"])[0] is None else "")
-    return _user_namespaces[0]
-
-
 def pytest_runtest_setup(item):
     path = getattr(item, "path", None)
     if path is None or path.suffix != ".ipynb" or _class_student():
@@ -157,7 +146,9 @@ def pytest_runtest_setup(item):
     # notebook 09's last section needs a user namespace; where the machine forbids one, its cells
     # print why instead, so they are skipped with that reason (the cleanup cell still runs)
     if "needs-user-namespaces" in getattr(getattr(item, "cell", None), "metadata", {}).get("tags", ()):
-        refused = _user_namespaces_refused()
+        from helpers.classroom.network import user_namespaces_refused
+
+        refused = user_namespaces_refused()
         if refused:
             pytest.skip(f"this machine forbids user namespaces: {refused}")
     if NO_SERVER.match(path.name):

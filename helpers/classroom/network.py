@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import select
 import shutil
@@ -53,6 +54,12 @@ NOT_ALLOWED_HINT = ("this machine does not let an ordinary user make a user name
                     "profile with `userns,` for the programs that need it), or a container's seccomp profile; "
                     "or serve the class from a machine nobody else logs in to")
 REFUSALS = ("Operation not permitted", "Permission denied", "Invalid argument", "No space left on device")
+ISOLATE = ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, os.path.abspath(__file__)]
+
+
+def _explained(why: str) -> str:
+    """What ``unshare`` said, with the settings to check when it is the kernel refusing."""
+    return f"{why}: {NOT_ALLOWED_HINT}" if any(refusal in why for refusal in REFUSALS) else why
 
 
 def _start_time(pid: int) -> int | None:
@@ -100,8 +107,7 @@ class PrivateNetwork:
         missing = [tool for tool in ("unshare", "nsenter") if not shutil.which(tool)]
         if missing:
             raise PrivateNetworkError(f"a private network needs {' and '.join(missing)} (util-linux) on the PATH")
-        argv = ["unshare", "--user", "--map-root-user", "--net", "--",
-                sys.executable, os.path.abspath(__file__), "--hold"]
+        argv = [*ISOLATE, "--hold"]
         pass_fds: tuple[int, ...] = ()
         write_end = None
         if owner:
@@ -128,10 +134,7 @@ class PrivateNetwork:
             network._end()                                  # then all it wrote to stderr is there
             why = holder.stderr.read().decode(errors="replace").strip()
             network.stop()
-            if any(refusal in why for refusal in REFUSALS):
-                raise PrivateNetworkError(f"could not make a private network ({why}): {NOT_ALLOWED_HINT}")
-            raise PrivateNetworkError(f"could not make a private network: {why or said}")
-        network.started = _start_time(holder.pid)
+            raise PrivateNetworkError(f"could not make a private network: {_explained(why) if why else said}")
         return network
 
     def _wait_ready(self, timeout: float):
@@ -220,21 +223,31 @@ def enter(pid: int, started: int | None) -> None:
             os.close(fd)
 
 
+def user_namespaces_refused() -> str:
+    """Why this machine will not run a command in a namespace of its own; "" where it will. Tried
+    once for each ``unshare`` found on the PATH."""
+    return _refused(shutil.which("unshare") if sys.platform.startswith("linux") else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _refused(unshare: str | None) -> str:
+    if not unshare:
+        return "no unshare (util-linux, Linux)"
+    try:
+        probe = subprocess.run([*ISOLATE, "--run", "--", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    if probe.returncode != 0:
+        return _explained(probe.stderr.strip() or f"exit code {probe.returncode}")
+    return ""
+
+
 def isolated(argv: list[str]) -> tuple[list[str] | None, str]:
     """``argv`` to run alone in a new network namespace with only its loopback (the class server's
     vLLM, on a Unix socket: its engine's torch.distributed and gloo ports then listen in there,
     not on this machine's loopback), or ``None`` and the reason where this machine refuses."""
-    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
-        return None, "no unshare (util-linux, Linux)"
-    prefix = ["unshare", "--user", "--map-root-user", "--net", "--", sys.executable, os.path.abspath(__file__)]
-    try:
-        probe = subprocess.run([*prefix, "--run", "--", "true"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return None, str(err)
-    if probe.returncode != 0:
-        why = probe.stderr.strip() or f"exit code {probe.returncode}"
-        return None, f"{why}: {NOT_ALLOWED_HINT}" if any(refusal in why for refusal in REFUSALS) else why
-    return [*prefix, "--run", "--", *argv], ""
+    why = user_namespaces_refused()
+    return (None, why) if why else ([*ISOLATE, "--run", "--", *argv], "")
 
 
 # --------------------------------------------------------------------------- the holder

@@ -18,7 +18,7 @@ import requests
 
 from classroom_support import make_keys
 from helpers.classroom import keys as keyfile
-from helpers.classroom.network import isolated
+from helpers.classroom.network import user_namespaces_refused
 from helpers.classroom.service import start_class_server
 from helpers.settings import load_settings
 
@@ -79,7 +79,7 @@ def _check_a_class_server(shared: Path, made: dict) -> None:
         # and all of vLLM runs in a network namespace of its own: its engine's torch.distributed
         # and gloo ports (vLLM 0.32.0 on the CPU) listen in there, none on this machine's loopback
         # (where the machine forbids user namespaces, vLLM starts without one and says so)
-        if isolated(["true"])[0] is not None:
+        if not user_namespaces_refused():
             here = os.readlink("/proc/self/ns/net")
             vllm = [pid for pid in members if pid != server.record.guard_pid]
             assert vllm and all(os.readlink(f"/proc/{pid}/ns/net") != here for pid in vllm)

@@ -19,14 +19,14 @@ import httpx
 import pytest
 
 from classroom_support import INTERNAL_KEY, bearer, make_keys
-from helpers.classroom.network import PrivateNetwork, PrivateNetworkError, enter, isolated
+from helpers.classroom.network import PrivateNetwork, PrivateNetworkError, enter, isolated, user_namespaces_refused
 from helpers.classroom.service import GatewayError, start_gateway
 from support import wait_for
 from test_class_server import NOBODY
 
 TESTS = Path(__file__).resolve().parent
-ALLOWED, WHY_NOT = isolated(["true"])
-needs_namespaces = pytest.mark.skipif(ALLOWED is None, reason=f"this machine forbids user namespaces: {WHY_NOT}")
+WHY_NOT = user_namespaces_refused()
+needs_namespaces = pytest.mark.skipif(bool(WHY_NOT), reason=f"this machine forbids user namespaces: {WHY_NOT}")
 UPSTREAM = """
 import sys, uvicorn
 from classroom_support import FakeVLLM
