@@ -14,8 +14,13 @@
 #   notebooks  02-04 on the shared server, and the build's own checks
 #   lessons-a  notebooks 00-05          lessons-b  notebooks 06-09
 #   rest       notebooks 00, 01, 05, 06 (those the stages above leave out, with 06 again)
+#   rest-a     notebooks 00, 01         rest-b     notebooks 05, 06   (rest in two calls)
 #   solutions  the exercises' solutions
 #   server     the tests marked vllm, except the browser and network-namespace ones
+#   failures   the two server tests that failed in run 4, alone (their reasons were cut off)
+#   server-b   the server tests that run 4 did not reach (after the first 14 by collection order)
+#   sol09      solution 09, which needs vllm-router: carry .gpu/router (its wheel, orjson,
+#              setproctitle) in a call of its own first: bash /tmp/stash/unpack.sh .gpu/router
 # JUnit files and logs go to $OUT.
 set -u
 suite=${1:?usage: gpu_suite.sh SUITE_DIR [unit] [notebooks] [lessons-a] [lessons-b] [rest] [solutions] [server]}
@@ -24,6 +29,15 @@ stages=${*:-unit notebooks}
 out=${OUT:-/tmp/gpu-suite-out}
 mkdir -p "$out" /tmp/suite-site
 [ -d /tmp/suite-site/pytest ] || for w in "$suite"/wh/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
+# vllm-router, where its wheels were stashed: notebook 09 and its solution start the launcher found
+# beside sys.executable, so python3 runs from a folder of our own (a link keeps sys.executable there)
+if compgen -G "/tmp/stash/vllm_router-*.whl" > /dev/null && [ ! -x /tmp/py/bin/vllm-router ]; then
+  for w in /tmp/stash/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
+  mkdir -p /tmp/py/bin && ln -sf "$(python3 -c "import sys; print(sys.executable)")" /tmp/py/bin/python3
+  printf '#!/tmp/py/bin/python3\nimport sys\nfrom vllm_router.launch_router import main\nsys.exit(main())\n' > /tmp/py/bin/vllm-router
+  chmod +x /tmp/py/bin/vllm-router
+fi
+[ -x /tmp/py/bin/vllm-router ] && export PATH=/tmp/py/bin:$PATH
 export PYTHONPATH=/tmp/site:/tmp/suite-site:$PWD
 export PATH=$PATH:/tmp/site/bin
 model=/tmp/smollm2-random
@@ -66,8 +80,18 @@ for stage in $stages; do
     lessons-a) run lessons-a 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0-5]_*.ipynb ;;
     lessons-b) run lessons-b 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[6-9]_*.ipynb ;;
     rest) run rest 500 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0156]_*.ipynb ;;
+    rest-a) run rest-a 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[01]_*.ipynb ;;
+    rest-b) run rest-b 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[56]_*.ipynb ;;
+    sol09) run sol09 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/09_*.ipynb ;;
     solutions) run solutions 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
     server) run server 530 -m "vllm and not browser and not netns" tests ;;
+    failures) run failures 400 -m vllm \
+      "tests/classroom/test_gateway_vllm.py::test_structured_outputs_the_engine_would_compile_for_long_are_refused_and_small_ones_answered" \
+      "tests/server/test_lifecycle.py::test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line" ;;
+    server-b) run server-b 530 -m "vllm and not browser and not netns" \
+      "tests/server/test_lifecycle.py::test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s" \
+      "tests/server/test_lifecycle.py::test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s" \
+      tests/stream tests/test_loadtest.py tests/test_parallel_bench.py tests/test_prometheus.py ;;
   esac
 done
 # `timeout` signals pytest alone: end any server it left (the pattern cannot match this line).
