@@ -30,14 +30,14 @@ out=${OUT:-/tmp/gpu-suite-out}
 mkdir -p "$out" /tmp/suite-site
 [ -d /tmp/suite-site/pytest ] || for w in "$suite"/wh/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
 # vllm-router, where its wheels were stashed: notebook 09 and its solution start the launcher found
-# beside sys.executable, so python3 runs from a folder of our own (a link keeps sys.executable there)
-if compgen -G "/tmp/stash/vllm_router-*.whl" > /dev/null && [ ! -x /tmp/py/bin/vllm-router ]; then
+# beside sys.executable, so it is written there (the machine's own interpreter: a link to it from
+# elsewhere would lose its virtual environment, as run 5 found: no httpx, no click)
+py=$(python3 -c 'import sys; print(sys.executable)')
+if compgen -G "/tmp/stash/vllm_router-*.whl" > /dev/null && [ ! -x "$(dirname "$py")/vllm-router" ]; then
   for w in /tmp/stash/*.whl; do python3 -m zipfile -e "$w" /tmp/suite-site; done
-  mkdir -p /tmp/py/bin && ln -sf "$(python3 -c "import sys; print(sys.executable)")" /tmp/py/bin/python3
-  printf '#!/tmp/py/bin/python3\nimport sys\nfrom vllm_router.launch_router import main\nsys.exit(main())\n' > /tmp/py/bin/vllm-router
-  chmod +x /tmp/py/bin/vllm-router
+  printf '#!%s\nimport sys\nfrom vllm_router.launch_router import main\nsys.exit(main())\n' \
+    "$py" > "$(dirname "$py")/vllm-router" && chmod +x "$(dirname "$py")/vllm-router"
 fi
-[ -x /tmp/py/bin/vllm-router ] && export PATH=/tmp/py/bin:$PATH
 export PYTHONPATH=/tmp/site:/tmp/suite-site:$PWD
 export PATH=$PATH:/tmp/site/bin
 model=/tmp/smollm2-random
