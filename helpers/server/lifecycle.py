@@ -35,7 +35,7 @@ from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStar
 from ..paths import server_environment, short_path, state_dir
 from ..settings import Settings, load_settings
 from . import guard, registry
-from .config import ServerConfig, from_settings
+from .config import ServerConfig, from_settings, plan
 from .diagnosis import Diagnosis, StartWatch, diagnose
 from .model_source import check_model_folder, looks_like_path
 
@@ -442,13 +442,14 @@ def _refuse_network_host(host: str) -> None:
             f"behind a gateway that checks every student's key (notebook 08).")
 
 
-def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:
-    """A running server that serves the same model under the same name (and port, if asked).
-    Starting is where dead servers' records are cleaned up (``registry.prune``)."""
+def _running(config: ServerConfig, settings: Settings, progress, private: bool = False) -> VLLMServer | None:
+    """A running server that serves the same model under the same name (and port, if asked;
+    on a private socket of this user's if ``private``). ``config`` is the settings' plan: finding
+    one does no work. Starting is where dead servers' records are cleaned up (``registry.prune``)."""
     registry.prune(log=progress)
     for record in registry.live(log=progress):
         same = record.served_model_name == config.name and record.model == config.model \
-            and (record.uds is None) == (config.uds is None) \
+            and (record.uds is not None) == private \
             and (record.uds is None or record.uid == os.getuid())      # a private socket: only our own
         if same and (settings.port is None or record.port == settings.port):
             server = VLLMServer.attach(record, config)
@@ -518,22 +519,23 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
     if settings.server_url:
         from .remote import RemoteServer
         return RemoteServer.connect(settings, progress)
-    config = from_settings(settings, log=progress)
-    _refuse_network_host(config.host)       # before reuse too: a running server is on loopback
-    if private:
-        config = replace(config, uds=private_socket())
+    # Resolving the settings does no work (plan): a server that already runs is reused without
+    # converting, downloading or writing anything; that work happens only for a new server.
+    planned = plan(settings, log=lambda _message: None)
+    _refuse_network_host(planned.host)      # before reuse too: a running server is on loopback
     with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
-        try:
-            server = _running(config, settings, progress)
-            launched = server is None
-            if launched:
+        server = _running(planned, settings, progress, private)
+        launched = server is None
+        if launched:
+            config = from_settings(settings, log=progress)
+            if private:
+                config = replace(config, uds=private_socket())
+            try:
                 server = VLLMServer(config, detached=detached).launch(progress)
-        except BaseException:
-            if config.uds:
-                remove_private_socket(config.uds)
-            raise
-        if not launched and config.uds:               # reused: the fresh socket folder is not needed
-            remove_private_socket(config.uds)
+            except BaseException:
+                if config.uds:
+                    remove_private_socket(config.uds)
+                raise
     if launched:
         return server._await_start(timeout, progress, retry_port=settings.port is None)
     return server.wait_ready(timeout=timeout, progress=progress)

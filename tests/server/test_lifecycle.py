@@ -98,6 +98,37 @@ def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_pat
     assert records_now() == before
 
 
+def test_reusing_a_running_server_converts_downloads_and_writes_nothing(tmp_path, own_registry, monkeypatch):
+    # A server for these settings runs (a real guard, recorded as a server of the embedded model):
+    # get_server() finds it from the settings' plan alone. The model is not converted (a fresh
+    # cache folder stays empty), the log preset's file is not written, from_settings never runs.
+    from helpers.server import embedded_model
+
+    monkeypatch.setenv("TUTORIAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lifecycle, "from_settings", lambda *a, **k: pytest.fail("prepared a server to reuse one"))
+    monkeypatch.setattr(VLLMServer, "wait_ready", lambda self, timeout=None, progress=None: self)
+    with open(tmp_path / "guard.log", "ab") as log:
+        proc, _ = guard.spawn([sys.executable, "-c", "import time; time.sleep(600)"], marker="running",
+                              env=dict(os.environ), log_file=log, owner=False)
+    try:
+        record = registry.ServerRecord(
+            guard_pid=proc.pid, guard_started=guard.proc_info(proc.pid).start_time, server_id="running",
+            host="127.0.0.1", port=8199, model=str(embedded_model.model_dir()),
+            served_model_name=embedded_model.SERVED_NAME, log_path=str(tmp_path / "vllm.log"), owner_pid=None,
+            started_at=time.time(), command="", uid=os.getuid())
+        registry.save(record)
+        messages = []
+        server = get_server(load_settings(environ={}, model="embedded", log_preset="quiet"),
+                            progress=messages.append)
+        assert server.record == record and not server.owned
+        assert any(m.startswith("Reusing smollm2-135m-instruct at http://127.0.0.1:8199") for m in messages)
+        assert not (tmp_path / "cache").exists()
+        assert sorted(p.name for p in (tmp_path / "servers").iterdir()) == ["server-8199.json", "start.lock"]
+    finally:
+        ProcessGroup(proc.pid).kill()
+        proc.wait(timeout=10)
+
+
 def test_busy_port_is_refused_at_once(listener, own_registry):
     before = records_now()
     started = time.monotonic()
