@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         server = get_server(settings, detached=True)
         print(f"detached server ready: {server.base_url} (stop it with: ./tutorial.sh stop)")
     elif args.action == "status":
-        records = server_registry.live()           # a look: ends nothing, removes nothing
+        records = server_registry.live()           # a look: ends nothing, removes no record
         for record in records:
             print(record.describe())
         for record in server_registry.live(kind=server_registry.GATEWAY):

@@ -43,7 +43,7 @@ another. The clock ticks after boot that the records keep never change.
 
 The server manager runs this file by its path (``python guard.py [--owner-fd N] -- COMMAND
 ...``), without importing the helpers; the guard's own work needs the standard library only
-(psutil is imported where a record's owner or marker is checked).
+(psutil is imported only where a command line, an owner or a marker is read).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def all_processes() -> Iterator[ProcInfo]:
 
 
 def _psutil():
-    import psutil   # where a record is checked; the guard's own sweep never needs it
+    import psutil   # where a record is checked; the guard's own sweep of its group never needs it
 
     return psutil
 
@@ -107,8 +107,9 @@ def command_of(pid: int) -> list[str]:
     """The command line of ``pid`` as a list (empty when it cannot be read)."""
     psutil = _psutil()
     try:
-        return psutil.Process(pid).cmdline()
-    except psutil.Error:            # gone, a zombie, or not ours to read
+        # without the empty words a process that set its title pads its command line with
+        return [part for part in psutil.Process(pid).cmdline() if part]
+    except (psutil.Error, OSError, ValueError):     # gone, a zombie, not ours to read
         return []
 
 
@@ -117,7 +118,7 @@ def owner_uid(pid: int) -> int | None:
     psutil = _psutil()
     try:
         return psutil.Process(pid).uids().effective
-    except psutil.Error:
+    except (psutil.Error, OSError, ValueError):
         return None
 
 
@@ -127,7 +128,7 @@ def carries_marker(pid: int, marker: str) -> bool | None:
     psutil = _psutil()
     try:
         return psutil.Process(pid).environ().get(MARKER_VARIABLE) == marker
-    except psutil.Error:
+    except (psutil.Error, OSError, ValueError):
         return None
 
 

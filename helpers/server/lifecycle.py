@@ -92,7 +92,9 @@ class VLLMServer:
 
     @classmethod
     def attach(cls, record: registry.ServerRecord, config: ServerConfig | None = None) -> "VLLMServer":
-        """A handle on a server some other process started (it will not stop it)."""
+        """A handle on a server some other process started (it will not stop it). ``config``:
+        what the caller asked for (``get_server`` passes the settings' plan, with no work done:
+        to start a server again after this one ends, call ``get_server`` rather than ``start``)."""
         if record.guard_pid in _OWNED:
             return _OWNED[record.guard_pid]
         config = config or ServerConfig(model=record.model, served_model_name=record.served_model_name,
@@ -520,22 +522,27 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
         from .remote import RemoteServer
         return RemoteServer.connect(settings, progress)
     # Resolving the settings does no work (plan): a server that already runs is reused without
-    # converting, downloading or writing anything; that work happens only for a new server.
+    # converting, downloading or writing anything; that work happens only for a new server, and
+    # outside the start lock (a download can take minutes; other kernels may only want to reuse).
     planned = plan(settings, log=lambda _message: None)
     _refuse_network_host(planned.host)      # before reuse too: a running server is on loopback
-    with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
-        server = _running(planned, settings, progress, private)
-        launched = server is None
-        if launched:
-            config = from_settings(settings, log=progress)
-            if private:
-                config = replace(config, uds=private_socket())
-            try:
-                server = VLLMServer(config, detached=detached).launch(progress)
-            except BaseException:
-                if config.uds:
-                    remove_private_socket(config.uds)
-                raise
+    config = None
+    while True:
+        with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
+            server = _running(planned, settings, progress, private)
+            launched = server is None
+            if launched and config is not None:     # prepared, and still none runs: start it now
+                if private:
+                    config = replace(config, uds=private_socket())
+                try:
+                    server = VLLMServer(config, detached=detached).launch(progress)
+                except BaseException:
+                    if config.uds:
+                        remove_private_socket(config.uds)
+                    raise
+            if not launched or config is not None:
+                break
+        config = from_settings(settings, log=progress)   # the work, then look again under the lock
     if launched:
         return server._await_start(timeout, progress, retry_port=settings.port is None)
     return server.wait_ready(timeout=timeout, progress=progress)

@@ -89,7 +89,7 @@ def locate(model: str) -> ResolvedModel:
         return ResolvedModel(str(path), path.name, None, "local folder", path, setting=model)
     # The server gets the hub id (so /v1/models shows it as `root`) and reads the files from the
     # local cache, offline: start-up never waits on the network.
-    return ResolvedModel(model, model.split("/")[-1], None, "hub id, downloaded to the local cache",
+    return ResolvedModel(model, model.split("/")[-1], None, "hub id, downloaded to the local cache before the start",
                          _cached_snapshot(model), {"HF_HUB_OFFLINE": "1"}, setting=model, prepared=False)
 
 

@@ -88,7 +88,8 @@ class GatewayRecord:
     log_path: str
     owner_pid: int | None
     started_at: float
-    server_id: str = ""         # the marker in its processes' environment ("" in older records)
+    server_id: str = ""         # the marker in its processes' environment ("" in older records:
+                                #   prune() can then prove no leftover its own, and ends none)
     uid: int = -1               # the user who wrote the record: read from the file's owner
 
     @property
@@ -200,8 +201,8 @@ def prune(root: Path | None = None, log: Callable[[str], None] = print, kind: st
             log(f"Ended {len(leftovers)} orphaned process(es) of {record.describe()}: {leftovers}")
         strangers = group.strangers()
         if strangers:
-            log(f"note: process(es) {strangers} now use group {record.guard_pid} of a dead server's "
-                f"record, but are not that server's; left alone")
+            log(f"note: process(es) {strangers} now use group {record.guard_pid} of a dead {_kind(record)}'s "
+                f"record, but are not proven to be its own; left alone")
         if getattr(record, "uds", None):
             from .lifecycle import remove_private_socket
             remove_private_socket(record.uds)
@@ -211,8 +212,9 @@ def prune(root: Path | None = None, log: Callable[[str], None] = print, kind: st
 
 
 def live(root: Path | None = None, log: Callable[[str], None] = print, kind: str = SERVER) -> list[Record]:
-    """The records of ``kind`` whose guard runs. A look only: it ends nothing and removes nothing
-    (``prune`` does, when a server is started or stopped)."""
+    """The records of ``kind`` whose guard runs. A look only: it ends nothing and removes no record
+    (``prune`` does: for servers when one is started or stopped, for gateways at
+    ``./tutorial.sh stop``). A record it cannot read is moved aside and named, as ``load_all`` does."""
     return [r for r in load_all(root, log, kind) if guard_alive(r)]
 
 

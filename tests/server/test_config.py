@@ -343,7 +343,10 @@ def test_plan_of_the_embedded_model_converts_nothing(tmp_path, monkeypatch):
 def test_plan_of_a_hub_model_not_downloaded_yet_says_its_size_is_unknown(tmp_path, monkeypatch):
     from helpers.server.config import plan
 
+    import huggingface_hub.constants as hf_constants   # read when first imported: set both
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     planned = plan(Settings(model="Qwen/Qwen2-7B-Instruct"), TWO_T4, log=quiet)
     assert planned.model == "Qwen/Qwen2-7B-Instruct" and planned.tensor_parallel_size == 1
-    assert "unknown before download" in planned.explain()
+    assert "unknown until it is downloaded" in planned.explain()

@@ -129,6 +129,28 @@ def test_reusing_a_running_server_converts_downloads_and_writes_nothing(tmp_path
         proc.wait(timeout=10)
 
 
+def test_the_start_lock_is_free_while_a_new_servers_model_is_prepared(tmp_path, own_registry, monkeypatch):
+    # Converting or downloading can take minutes: meanwhile another kernel may take the lock
+    # (flock conflicts between two open files of one process too, so this checks it here).
+    import fcntl
+
+    class Prepared(Exception):
+        pass
+
+    def preparing(*_args, **_kwargs):
+        fd = os.open(tmp_path / "servers" / registry.LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # BlockingIOError if get_server held it
+        finally:
+            os.close(fd)
+        raise Prepared
+
+    monkeypatch.setattr(lifecycle, "from_settings", preparing)
+    monkeypatch.setenv("TUTORIAL_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(Prepared):
+        get_server(load_settings(environ={}, model="embedded"), progress=lambda _m: None)
+
+
 def test_busy_port_is_refused_at_once(listener, own_registry):
     before = records_now()
     started = time.monotonic()
