@@ -48,15 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         server = get_server(settings, detached=True)
         print(f"detached server ready: {server.base_url} (stop it with: ./tutorial.sh stop)")
     elif args.action == "status":
-        from .classroom.service import gateways
-
-        records = server_registry.live()           # a look: ends nothing
+        records = server_registry.live()           # a look: ends nothing, removes no record
         for record in records:
             print(record.describe())
-        for record in server_registry.stale():
-            print(f"stale record: {record.describe()} (its guard is gone; ./tutorial.sh stop cleans it up)")
-        for gateway in gateways():
-            print(f"gateway {gateway.url} -> {gateway.record.upstream}")
+        for record in server_registry.live(kind=server_registry.GATEWAY):
+            print(record.describe())
+        for kind in (server_registry.SERVER, server_registry.GATEWAY):
+            for record in server_registry.stale(kind=kind):
+                print(f"stale record: {record.describe()} (its guard is gone; ./tutorial.sh stop cleans it up)")
         if not records:
             print("no tutorial server is running")
     else:

@@ -17,59 +17,37 @@ The gateway runs as ``python -m helpers.classroom.gateway`` in a process group o
   502 in front of nothing.
 
 Its keys file and vLLM's internal key reach it through its environment only (never its command
-line). Running gateways are recorded next to the servers (``gateway-<port>.json`` in
-``paths.state_dir()``): ``gateways()`` lists them.
+line). Running gateways are recorded in the servers' registry (``helpers.server.registry``,
+``gateway-<port>.json``): ``gateways()`` lists them, ``prune_gateways()`` cleans up after dead ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import requests
 
-from ..endpoint import Endpoint, http_url
+from ..endpoint import Endpoint
 from ..errors import GatewayError
 from ..paths import REPO_ROOT, server_environment, short_path, state_dir
 from ..server import guard, registry
+from ..server.registry import GatewayRecord
 from ..server.lifecycle import LOOPBACK, free_port, port_in_use
 from . import keys as keyfile
 from .gateway import INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
 from .policy import Limits
 
-@dataclass(frozen=True)
-class GatewayRecord:
-    guard_pid: int
-    guard_started: int
-    host: str
-    port: int
-    upstream: str
-    keys_path: str
-    log_path: str
-    owner_pid: int | None
-    started_at: float
-
-    @property
-    def url(self) -> str:
-        return http_url(self.host, self.port)
-
-
-def _record_path(port: int) -> Path:
-    return state_dir() / f"gateway-{port}.json"
-
-
 def _alive(record: GatewayRecord) -> bool:
-    return guard.runs(record.guard_pid, record.guard_started)
+    return registry.guard_alive(record)
 
 
 class GatewayProcess:
@@ -102,7 +80,7 @@ class GatewayProcess:
         return self._group().members()
 
     def _group(self) -> guard.ProcessGroup:
-        return guard.ProcessGroup(self.record.guard_pid, self.record.guard_started)
+        return self.record.group()
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -125,11 +103,7 @@ class GatewayProcess:
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
-        try:
-            if json.loads(_record_path(self.record.port).read_text()).get("guard_pid") == self.record.guard_pid:
-                _record_path(self.record.port).unlink()
-        except (OSError, ValueError):
-            pass
+        registry.remove(self.record)
 
     def _reap(self) -> None:
         if self._popen is not None:
@@ -139,27 +113,16 @@ class GatewayProcess:
         return f"<GatewayProcess {self.url} -> {self.record.upstream} {'running' if self.alive else 'stopped'}>"
 
 
-def _gateway_records() -> Iterator[tuple[Path, GatewayRecord]]:
-    """Every readable gateway record, with its file."""
-    for path in sorted(state_dir().glob("gateway-*.json")) if state_dir().exists() else []:
-        try:
-            yield path, GatewayRecord(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
-
-
 def prune_gateways() -> int:
-    """Remove the records of gateways that are gone (``./tutorial.sh stop``); how many."""
-    gone = [path for path, record in _gateway_records() if not _alive(record)]
-    for path in gone:
-        path.unlink(missing_ok=True)
-    return len(gone)
+    """Forget the records of gateways that are gone, ending what is left of their groups
+    (``./tutorial.sh stop``: the explicit clean-up); how many."""
+    return len(registry.prune(kind=registry.GATEWAY))
 
 
 def gateways() -> list[GatewayProcess]:
     """The gateways recorded as running. A look: a dead gateway's record is only skipped (a stop,
     or the next gateway on its port, replaces it)."""
-    return [GatewayProcess(record) for _, record in _gateway_records() if _alive(record)]
+    return [GatewayProcess(record) for record in registry.live(kind=registry.GATEWAY)]
 
 
 def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path | str | None = None,
@@ -275,13 +238,15 @@ def _start(upstream: _Upstream, *, host, port, keys_path, limits, internal_key, 
     python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**server_environment(), "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1",
            KEYS_VARIABLE: str(keys_path), INTERNAL_KEY_VARIABLE: internal_key}
+    marker = secrets.token_hex(8)
     with open(log_path, "ab") as log:
-        popen, owner_fd = guard.spawn(argv, marker=secrets.token_hex(8), env=env, log_file=log, owner=not detached)
+        popen, owner_fd = guard.spawn(argv, marker=marker, env=env, log_file=log, owner=not detached)
     info = guard.proc_info(popen.pid)
     where = upstream.where if network is None else f"{upstream.where} in private network {network.pid}"
     record = GatewayRecord(guard_pid=popen.pid, guard_started=info.start_time if info else -1, host=host, port=port,
                            upstream=where, keys_path=str(keys_path), log_path=str(log_path),
-                           owner_pid=None if detached else os.getpid(), started_at=time.time())
+                           owner_pid=None if detached else os.getpid(), started_at=time.time(),
+                           server_id=marker, uid=os.getuid())
     gateway = GatewayProcess(record, popen, owner_fd)
     progress(f"Starting the gateway on {gateway.url} -> {where} ({len(table.active)} student key(s)); "
              f"log: {short_path(log_path)}")
@@ -299,7 +264,7 @@ def _start(upstream: _Upstream, *, host, port, keys_path, limits, internal_key, 
         healthy = requests.get(gateway.url + "/health", timeout=5).status_code == 200
     except requests.RequestException:
         healthy = False
-    registry.write_atomically(_record_path(port), asdict(record))
+    registry.save(record)
     progress(f"  gateway ready: {gateway.url} serves {upstream.name!r}" + ("" if healthy else
              " (its /health says vLLM is not answering yet)"))
     return gateway

@@ -221,22 +221,26 @@ def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = T
 
 
 def write_filter_config(folder: Path, stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = True,
-                        fmt: str | None = None) -> Path:
-    """Write the filtering config into ``folder`` (the state folder, never the repository)."""
-    folder.mkdir(parents=True, exist_ok=True)
+                        fmt: str | None = None, write: bool = True) -> Path:
+    """Write the filtering config into ``folder`` (the state folder, never the repository);
+    ``write=False``: only say where it goes."""
     path = folder / FILTER_FILE
+    if not write:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(filter_config(stats_logger, log_level_kwarg=log_level_kwarg, fmt=fmt), indent=2) + "\n"
     if _read(path) != text:
         path.write_text(text, encoding="utf-8")
     return path
 
 
-def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, log=print) -> Resolved:
+def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, log=print,
+            write: bool = True) -> Resolved:
     """The flags and variables of preset ``name`` that the installed vLLM supports.
 
     A switch the installed vLLM lacks is left out (an unknown flag would stop vLLM from
     starting) and named through ``log``. ``folder`` receives the generated logging config
-    (default: ``<state dir>/logging``).
+    (default: ``<state dir>/logging``); ``write=False`` names that file without writing it.
     """
     if name not in PRESETS:
         raise LogPresetError(f"unknown log preset {name!r}; known: {', '.join(PRESET_NAMES)}")
@@ -266,7 +270,7 @@ def resolve(name: str, *, root: Path | None = None, folder: Path | None = None, 
                 folder = state_dir() / "logging"
             env[switch.name] = str(write_filter_config(folder, source.logger,
                                                        log_level_kwarg=formatter_takes_log_level(root),
-                                                       fmt=log_format(root)))
+                                                       fmt=log_format(root), write=write))
         elif switch.is_flag:
             args += switch.words()
         else:

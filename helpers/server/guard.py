@@ -33,8 +33,17 @@ readable), or one whose pid and start time the record lists (taken when the serv
 ready). It must also belong to the user who wrote the record. Nothing else is ever signalled,
 and a process whose environment cannot be read (another user's) is never taken for ours.
 
-This file uses the standard library only: the server manager runs it by its path
-(``python guard.py [--owner-fd N] -- COMMAND ...``), without importing the helpers.
+**Reading /proc.** A process's command line, environment and owner are read with psutil (a
+pinned dependency wherever a server runs). Its start time and process group are read from
+``/proc/<pid>/stat`` here, in ``proc_info``, because psutil offers neither as identity needs
+them: it has no process-group id, and its ``create_time()`` is seconds since the epoch, built on
+the boot time, and "may be affected by changes such as manual adjustments or time
+synchronization" (its docstring, psutil 7.2.2), so a clock step would make a process look like
+another. The clock ticks after boot that the records keep never change.
+
+The server manager runs this file by its path (``python guard.py [--owner-fd N] -- COMMAND
+...``), without importing the helpers; the guard's own work needs the standard library only
+(psutil is imported only where a command line, an owner or a marker is read).
 """
 
 from __future__ import annotations
@@ -88,32 +97,39 @@ def all_processes() -> Iterator[ProcInfo]:
                 yield info
 
 
+def _psutil():
+    import psutil   # where a record is checked; the guard's own sweep of its group never needs it
+
+    return psutil
+
+
 def command_of(pid: int) -> list[str]:
     """The command line of ``pid`` as a list (empty when it cannot be read)."""
+    psutil = _psutil()
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
+        # without the empty words a process that set its title pads its command line with
+        return [part for part in psutil.Process(pid).cmdline() if part]
+    except (psutil.Error, OSError, ValueError):     # gone, a zombie, not ours to read
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def owner_uid(pid: int) -> int | None:
+    """The effective user of ``pid`` (None when it is gone)."""
+    psutil = _psutil()
     try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
+        return psutil.Process(pid).uids().effective
+    except (psutil.Error, OSError, ValueError):
         return None
 
 
 def carries_marker(pid: int, marker: str) -> bool | None:
     """Whether ``pid``'s environment holds ``TUTORIAL_SERVER_ID=marker``; None when it cannot be
     read (another user's process, or gone)."""
+    psutil = _psutil()
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read()
-    except OSError:
+        return psutil.Process(pid).environ().get(MARKER_VARIABLE) == marker
+    except (psutil.Error, OSError, ValueError):
         return None
-    return f"{MARKER_VARIABLE}={marker}".encode() in environ.split(b"\0")
 
 
 def runs(pid: int, started: int | None = None) -> bool:

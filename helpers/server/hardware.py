@@ -233,7 +233,7 @@ def pick_tensor_parallel_size(gpus: tuple[Gpu, ...], weight_bytes: int | None,
     if not gpus:
         return Choice(1, "no GPU: the CPU backend runs one worker")
     if weight_bytes is None:
-        return Choice(1, "model size unknown before download: one GPU (set tensor_parallel_size to override)")
+        return Choice(1, "model size unknown until it is downloaded or converted: one GPU (set tensor_parallel_size to override)")
     per_gpu_budget = min(g.memory_mib for g in gpus) * 2**20 * GPU_MEMORY_UTILIZATION * WEIGHTS_SHARE
     candidates = [n for n in (1, 2, 4, 8) if n <= len(gpus) and (not attention_heads or attention_heads % n == 0)]
     gib = weight_bytes / 2**30

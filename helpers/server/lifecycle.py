@@ -35,7 +35,7 @@ from ..errors import (NotOwnerError, PortInUseError, ServerDiedError, ServerStar
 from ..paths import server_environment, short_path, state_dir
 from ..settings import Settings, load_settings
 from . import guard, registry
-from .config import ServerConfig, from_settings
+from .config import ServerConfig, from_settings, plan
 from .diagnosis import Diagnosis, StartWatch, diagnose
 from .model_source import check_model_folder, looks_like_path
 
@@ -92,7 +92,9 @@ class VLLMServer:
 
     @classmethod
     def attach(cls, record: registry.ServerRecord, config: ServerConfig | None = None) -> "VLLMServer":
-        """A handle on a server some other process started (it will not stop it)."""
+        """A handle on a server some other process started (it will not stop it). ``config``:
+        what the caller asked for (``get_server`` passes the settings' plan, with no work done:
+        to start a server again after this one ends, call ``get_server`` rather than ``start``)."""
         if record.guard_pid in _OWNED:
             return _OWNED[record.guard_pid]
         config = config or ServerConfig(model=record.model, served_model_name=record.served_model_name,
@@ -442,13 +444,14 @@ def _refuse_network_host(host: str) -> None:
             f"behind a gateway that checks every student's key (notebook 08).")
 
 
-def _running(config: ServerConfig, settings: Settings, progress) -> VLLMServer | None:
-    """A running server that serves the same model under the same name (and port, if asked).
-    Starting is where dead servers' records are cleaned up (``registry.prune``)."""
+def _running(config: ServerConfig, settings: Settings, progress, private: bool = False) -> VLLMServer | None:
+    """A running server that serves the same model under the same name (and port, if asked;
+    on a private socket of this user's if ``private``). ``config`` is the settings' plan: finding
+    one does no work. Starting is where dead servers' records are cleaned up (``registry.prune``)."""
     registry.prune(log=progress)
     for record in registry.live(log=progress):
         same = record.served_model_name == config.name and record.model == config.model \
-            and (record.uds is None) == (config.uds is None) \
+            and (record.uds is not None) == private \
             and (record.uds is None or record.uid == os.getuid())      # a private socket: only our own
         if same and (settings.port is None or record.port == settings.port):
             server = VLLMServer.attach(record, config)
@@ -518,22 +521,28 @@ def get_server(settings: Settings | None = None, *, progress=print, timeout: flo
     if settings.server_url:
         from .remote import RemoteServer
         return RemoteServer.connect(settings, progress)
-    config = from_settings(settings, log=progress)
-    _refuse_network_host(config.host)       # before reuse too: a running server is on loopback
-    if private:
-        config = replace(config, uds=private_socket())
-    with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
-        try:
-            server = _running(config, settings, progress)
+    # Resolving the settings does no work (plan): a server that already runs is reused without
+    # converting, downloading or writing anything; that work happens only for a new server, and
+    # outside the start lock (a download can take minutes; other kernels may only want to reuse).
+    planned = plan(settings, log=lambda _message: None)
+    _refuse_network_host(planned.host)      # before reuse too: a running server is on loopback
+    config = None
+    while True:
+        with registry.claim(wait_message=lambda: progress("Another process is starting a server; waiting for it")):
+            server = _running(planned, settings, progress, private)
             launched = server is None
-            if launched:
-                server = VLLMServer(config, detached=detached).launch(progress)
-        except BaseException:
-            if config.uds:
-                remove_private_socket(config.uds)
-            raise
-        if not launched and config.uds:               # reused: the fresh socket folder is not needed
-            remove_private_socket(config.uds)
+            if launched and config is not None:     # prepared, and still none runs: start it now
+                if private:
+                    config = replace(config, uds=private_socket())
+                try:
+                    server = VLLMServer(config, detached=detached).launch(progress)
+                except BaseException:
+                    if config.uds:
+                        remove_private_socket(config.uds)
+                    raise
+            if not launched or config is not None:
+                break
+        config = from_settings(settings, log=progress)   # the work, then look again under the lock
     if launched:
         return server._await_start(timeout, progress, retry_port=settings.port is None)
     return server.wait_ready(timeout=timeout, progress=progress)

@@ -116,8 +116,14 @@ def test_structured_outputs_the_engine_would_compile_for_long_are_refused_and_sm
     # a small schema passes, and the engine holds the answer to it
     reply = requests.post(url, json={**chat, "response_format": schema(12)}, headers=key, timeout=300)
     assert reply.status_code == 200, reply.text
-    answer = json.loads(reply.json()["choices"][0]["message"]["content"])
-    assert set(answer) == {"colour"} and len(answer["colour"]) <= 12
+    choice = reply.json()["choices"][0]
+    text = choice["message"]["content"]
+    assert text.lstrip().startswith("{"), text          # the grammar, not the model, chose this
+    if choice["finish_reason"] == "stop":
+        answer = json.loads(text)
+        assert set(answer) == {"colour"} and len(answer["colour"]) <= 12
+    else:   # cut at max_tokens: the schema allows any whitespace, and random weights (the GPU suite) spent them on it
+        assert choice["finish_reason"] == "length", choice
     assert server.health()
 
 

@@ -313,3 +313,40 @@ def test_the_default_command_line_is_the_installed_builds_form():
     cfg = config()
     expected = "vllm serve" if builds.current() is builds.GPU else "python -m vllm.entrypoints.openai.api_server"
     assert cfg.command_line().startswith(expected)
+
+
+# --- plan: resolving the settings does no work ---------------------------------------------------
+
+def test_plan_writes_nothing_and_from_settings_does_the_work(model_dir, tmp_path, monkeypatch):
+    # The quiet preset needs a logging config file: plan() names it, from_settings() writes it.
+    from helpers.server.config import plan
+
+    monkeypatch.setenv("TUTORIAL_STATE_DIR", str(tmp_path / "state"))
+    settings = Settings(model=str(model_dir), port=8000, log_preset="quiet")
+    planned = plan(settings, TWO_T4, log=quiet)
+    assert not (tmp_path / "state").exists()
+    prepared = from_settings(settings, TWO_T4, log=quiet)
+    assert planned == prepared and planned.command_line() == prepared.command_line()
+    assert (tmp_path / "state" / "logging").is_dir()
+
+
+def test_plan_of_the_embedded_model_converts_nothing(tmp_path, monkeypatch):
+    from helpers.server import embedded_model
+    from helpers.server.config import plan
+
+    monkeypatch.setenv("TUTORIAL_CACHE_DIR", str(tmp_path / "cache"))
+    planned = plan(Settings(model="embedded"), machine(), log=quiet)
+    assert planned.model == str(embedded_model.model_dir()) and planned.name == embedded_model.SERVED_NAME
+    assert not (tmp_path / "cache").exists()
+
+
+def test_plan_of_a_hub_model_not_downloaded_yet_says_its_size_is_unknown(tmp_path, monkeypatch):
+    from helpers.server.config import plan
+
+    import huggingface_hub.constants as hf_constants   # read when first imported: set both
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    planned = plan(Settings(model="Qwen/Qwen2-7B-Instruct"), TWO_T4, log=quiet)
+    assert planned.model == "Qwen/Qwen2-7B-Instruct" and planned.tensor_parallel_size == 1
+    assert "unknown until it is downloaded" in planned.explain()

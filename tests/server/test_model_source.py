@@ -112,3 +112,57 @@ def test_unreachable_hub_id_fails_within_seconds(tmp_path, monkeypatch):
     assert time.monotonic() - start < 15
     assert "tutorial-tests/no-such-model-xyz" in str(info.value)
     assert any("tutorial-tests/no-such-model-xyz" in m for m in messages)
+
+
+# --- locate: what --model will be, with no work done -------------------------------------------
+
+def hub_cache(monkeypatch, folder):
+    """An empty hub cache of the test's own (huggingface_hub reads the variable when first
+    imported, so its constant is set too: the machine's real cache may hold the model)."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(folder))
+
+
+def test_a_hub_model_in_the_cache_is_located_there_without_a_download(tmp_path, monkeypatch, model_folder):
+    from helpers.server import model_source
+
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2-7B-Instruct" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((model_folder / "config.json").read_text())
+    (tmp_path / "hub" / "models--Qwen--Qwen2-7B-Instruct" / "refs").mkdir()
+    (tmp_path / "hub" / "models--Qwen--Qwen2-7B-Instruct" / "refs" / "main").write_text("abc")
+    hub_cache(monkeypatch, tmp_path / "hub")
+    assert model_source.locate("Qwen/Qwen2-7B-Instruct").local_dir == snapshot
+
+def test_locating_the_embedded_model_converts_nothing(tmp_path, monkeypatch):
+    from helpers.server import embedded_model
+    from helpers.server.model_source import locate
+
+    monkeypatch.setenv("TUTORIAL_CACHE_DIR", str(tmp_path / "cache"))
+    located = locate("embedded")
+    assert located.model == str(tmp_path / "cache" / "models" / embedded_model.FOLDER_NAME)
+    assert located.served_name == embedded_model.SERVED_NAME and not located.prepared
+    assert not (tmp_path / "cache").exists()                  # nothing converted, no folder made
+
+
+def test_locating_a_hub_id_downloads_nothing(tmp_path, monkeypatch):
+    from helpers.server import model_source
+
+    hub_cache(monkeypatch, tmp_path / "hub")
+    monkeypatch.setattr(model_source, "download", lambda *a, **k: pytest.fail("downloaded while locating"))
+    located = model_source.locate("Qwen/Qwen2-7B-Instruct")
+    assert (located.model, located.served_name, located.env) == (
+        "Qwen/Qwen2-7B-Instruct", "Qwen2-7B-Instruct", {"HF_HUB_OFFLINE": "1"})
+    assert located.local_dir is None and not located.prepared
+    assert not (tmp_path / "hub").exists()
+
+
+def test_prepare_downloads_a_located_hub_model(tmp_path, monkeypatch, model_folder):
+    from helpers.server import model_source
+
+    hub_cache(monkeypatch, tmp_path / "hub")
+    monkeypatch.setattr(model_source, "download", lambda repo_id, log: model_folder)
+    ready = model_source.prepare(model_source.locate("Qwen/Qwen2-7B-Instruct"), log=quiet)
+    assert ready.prepared and ready.local_dir == model_folder and ready.model == "Qwen/Qwen2-7B-Instruct"

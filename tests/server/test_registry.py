@@ -17,7 +17,7 @@ import pytest
 
 from helpers.server import guard, registry
 from helpers.server.guard import MARKER_VARIABLE, ProcessGroup, proc_info
-from helpers.server.registry import ServerRecord
+from helpers.server.registry import GATEWAY, GatewayRecord, ServerRecord
 from support import alive, kill_group, proc_state, wait_for
 
 
@@ -286,6 +286,67 @@ def test_prune_drops_a_record_whose_group_is_already_empty(tmp_path):
     assert registry.load_all(root=tmp_path) == []
 
 
+# --- gateways: the same registry ----------------------------------------------------------------
+
+def gateway_record(**kw) -> GatewayRecord:
+    base = dict(guard_pid=4343, guard_started=1, host="198.18.0.1", port=8080, upstream="unix:/run/vllm.sock",
+                keys_path="/keys.json", log_path="/tmp/gateway-8080.log", owner_pid=None,
+                started_at=time.time() - 5, server_id="gw", uid=os.getuid())
+    base.update(kw)
+    return GatewayRecord(**base)
+
+
+def test_gateways_and_servers_share_the_registry_and_keep_their_kinds(tmp_path):
+    # one port for both: the files are kept apart by kind, each read back as its own record
+    server, gateway = record(port=8080), gateway_record(port=8080)
+    assert registry.save(server, root=tmp_path).name == "server-8080.json"
+    assert registry.save(gateway, root=tmp_path).name == "gateway-8080.json"
+    assert registry.load_all(root=tmp_path) == [server]
+    assert registry.load_all(root=tmp_path, kind=GATEWAY) == [gateway]
+    assert "gateway at http://198.18.0.1:8080 -> unix:/run/vllm.sock (detached" in gateway.describe()
+    registry.remove(gateway, root=tmp_path)
+    assert registry.load_all(root=tmp_path, kind=GATEWAY) == [] and registry.load_all(root=tmp_path) == [server]
+
+
+def test_a_gateway_record_of_an_older_version_is_read_and_moved_aside_if_broken(tmp_path):
+    # before the registry was one, a gateway's record had no marker: it is still read
+    old = {k: v for k, v in dataclasses.asdict(gateway_record()).items() if k not in ("server_id", "uid")}
+    (tmp_path / "gateway-8080.json").write_text(json.dumps(old))
+    (tmp_path / "gateway-8081.json").write_text("{not json")
+    messages = []
+    [read] = registry.load_all(root=tmp_path, log=messages.append, kind=GATEWAY)
+    assert read.server_id == "" and read.uid == os.getuid() and read.group().marker is None
+    assert (tmp_path / "gateway-8081.json.unreadable").exists()
+    assert messages == ["note: gateway-8081.json is not a gateway record this version can read "
+                        "(JSONDecodeError); moved to gateway-8081.json.unreadable"]
+
+
+def test_a_dead_gateways_leftovers_are_ended_by_prune_only_and_a_look_ends_nothing(tmp_path):
+    leader, leftover = orphaned_group(tmp_path, marker="dead-gateway")
+    try:
+        dead = gateway_record(guard_pid=leader.pid, server_id="dead-gateway")
+        registry.save(dead, root=tmp_path)
+        assert registry.live(root=tmp_path, kind=GATEWAY) == []
+        assert registry.stale(root=tmp_path, kind=GATEWAY) == [dead]
+        time.sleep(0.3)
+        assert alive(leftover)
+        assert registry.prune(root=tmp_path, log=lambda _m: None) == []     # servers' kind: not this one
+        assert alive(leftover)
+        assert registry.prune(root=tmp_path, log=lambda _m: None, kind=GATEWAY) == [dead]
+        assert wait_for(lambda: not alive(leftover), 5)
+        assert registry.load_all(root=tmp_path, kind=GATEWAY) == []
+    finally:
+        kill_group(leader.pid)
+
+
+def test_a_live_gateways_guard_is_alive_to_the_registry(tmp_path, live_guard):
+    rec = gateway_record(guard_pid=live_guard.pid, guard_started=proc_info(live_guard.pid).start_time,
+                         server_id="live")
+    registry.save(rec, root=tmp_path)
+    assert registry.live(root=tmp_path, kind=GATEWAY) == [rec]
+    assert registry.prune(root=tmp_path, log=lambda _m: None, kind=GATEWAY) == []
+
+
 # --- claim: one start at a time ---------------------------------------------------------------
 
 def test_claim_makes_a_second_process_wait_and_says_so(tmp_path):
@@ -317,3 +378,39 @@ def test_claim_is_free_again_after_an_exception(tmp_path):
             done.set()
     threading.Thread(target=take, daemon=True).start()
     assert done.wait(5)
+
+
+# --- ./tutorial.sh status and stop --------------------------------------------------------------
+
+def test_status_only_looks_and_stop_cleans_up_servers_and_gateways(tmp_path):
+    # `./tutorial.sh status` is `python -m helpers status`: it names a dead server's and a dead
+    # gateway's records as stale and ends nothing; `stop` is the clean-up that ends their leftovers.
+    state = tmp_path / "state"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "g").mkdir()
+    server_leader, server_leftover = orphaned_group(tmp_path / "s", marker="dead-server")
+    gateway_leader, gateway_leftover = orphaned_group(tmp_path / "g", marker="dead-gateway")
+    try:
+        registry.save(record(guard_pid=server_leader.pid, server_id="dead-server", port=8558), root=state)
+        registry.save(gateway_record(guard_pid=gateway_leader.pid, server_id="dead-gateway"), root=state)
+        env = {**os.environ, "TUTORIAL_STATE_DIR": str(state)}
+
+        def cli(action: str) -> str:
+            done = subprocess.run([sys.executable, "-m", "helpers", action], env=env, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        shown = cli("status")
+        assert "stale record: Qwen2-7B-Instruct at http://127.0.0.1:8558" in shown
+        assert "stale record: gateway at http://198.18.0.1:8080" in shown
+        assert "no tutorial server is running" in shown
+        time.sleep(0.3)
+        assert alive(server_leftover) and alive(gateway_leftover)
+        assert len(list(state.glob("*-*.json"))) == 2
+        cli("stop")
+        assert wait_for(lambda: not alive(server_leftover) and not alive(gateway_leftover), 10)
+        assert list(state.glob("*-*.json")) == []
+    finally:
+        kill_group(server_leader.pid)
+        kill_group(gateway_leader.pid)
