@@ -18,6 +18,7 @@
 #   solutions  the exercises' solutions
 #   server     the tests marked vllm, except the browser and network-namespace ones
 #   failures   the two server tests that failed in run 4, alone (their reasons were cut off)
+#   schema     the first of them alone (about 3 min: the shared server's start, then the test)
 #   server-b   the server tests that run 4 did not reach (after the first 14 by collection order)
 #   sol09      solution 09, which needs vllm-router: carry .gpu/router (its wheel, orjson,
 #              setproctitle) in a call of its own first: bash /tmp/stash/unpack.sh .gpu/router
@@ -88,6 +89,8 @@ for stage in $stages; do
     failures) run failures 400 -m vllm \
       "tests/classroom/test_gateway_vllm.py::test_structured_outputs_the_engine_would_compile_for_long_are_refused_and_small_ones_answered" \
       "tests/server/test_lifecycle.py::test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line" ;;
+    schema) run schema 300 -m vllm \
+      "tests/classroom/test_gateway_vllm.py::test_structured_outputs_the_engine_would_compile_for_long_are_refused_and_small_ones_answered" ;;
     server-b) run server-b 530 -m "vllm and not browser and not netns" \
       "tests/server/test_lifecycle.py::test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s" \
       "tests/server/test_lifecycle.py::test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s" \
