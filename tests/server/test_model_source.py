@@ -166,3 +166,12 @@ def test_prepare_downloads_a_located_hub_model(tmp_path, monkeypatch, model_fold
     monkeypatch.setattr(model_source, "download", lambda repo_id, log: model_folder)
     ready = model_source.prepare(model_source.locate("Qwen/Qwen2-7B-Instruct"), log=quiet)
     assert ready.prepared and ready.local_dir == model_folder and ready.model == "Qwen/Qwen2-7B-Instruct"
+
+
+def test_locating_an_id_the_hub_would_refuse_does_not_raise_before_the_download():
+    # huggingface_hub refuses "--" in an id (HFValidationError, a ValueError): locate() only reads
+    # the cache, so it says "not there"; the download at start names the error, as before
+    from helpers.server.model_source import locate
+
+    located = locate("someone/model--name")
+    assert located.local_dir is None and not located.prepared
