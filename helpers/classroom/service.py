@@ -46,10 +46,6 @@ from . import keys as keyfile
 from .gateway import INTERNAL_KEY_VARIABLE, KEYS_VARIABLE, READY_LINE
 from .policy import Limits
 
-def _alive(record: GatewayRecord) -> bool:
-    return registry.guard_alive(record)
-
-
 class GatewayProcess:
     """A running gateway: its URL, its log, and ``stop()``."""
 
@@ -74,7 +70,7 @@ class GatewayProcess:
     def alive(self) -> bool:
         if self._popen is not None:
             return self._popen.poll() is None
-        return _alive(self.record)
+        return registry.guard_alive(self.record)
 
     def pids(self) -> list[int]:
         return self._group().members()

@@ -109,12 +109,10 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 def prepare(located: ResolvedModel, log=print) -> ResolvedModel:
     """Do what ``located`` still needs before a server can load it: convert the embedded model
     (once), download a hub model (the cache makes a second time quick)."""
-    if located.setting == EMBEDDED:
-        if located.prepared:
-            return located
-        return replace(located, local_dir=embedded_model.ensure_embedded_model(log=log), prepared=True)
     if located.prepared:
         return located
+    if located.setting == EMBEDDED:
+        return replace(located, local_dir=embedded_model.ensure_embedded_model(log=log), prepared=True)
     return replace(located, local_dir=check_model_folder(download(located.setting, log=log)), prepared=True)
 
 
