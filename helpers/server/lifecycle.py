@@ -89,18 +89,22 @@ class VLLMServer:
         self._guard = None                 # the guard's Popen, for a server started here
         self._owner_fd: int | None = None
         self._log_path: Path | None = None
+        self._settings: Settings | None = None   # attached by get_server: prepare these before a start
 
     @classmethod
-    def attach(cls, record: registry.ServerRecord, config: ServerConfig | None = None) -> "VLLMServer":
+    def attach(cls, record: registry.ServerRecord, config: ServerConfig | None = None,
+               settings: Settings | None = None) -> "VLLMServer":
         """A handle on a server some other process started (it will not stop it). ``config``:
-        what the caller asked for (``get_server`` passes the settings' plan, with no work done:
-        to start a server again after this one ends, call ``get_server`` rather than ``start``)."""
+        what the caller asked for. ``get_server`` passes the settings' plan (no work done) and the
+        settings: started again after this server ends, the handle first does that work
+        (``from_settings``: convert or download the model, write the log preset's file)."""
         if record.guard_pid in _OWNED:
             return _OWNED[record.guard_pid]
         config = config or ServerConfig(model=record.model, served_model_name=record.served_model_name,
                                         host=record.host)
         server = cls(replace(config, port=record.port, uds=record.uds))
         server.record, server.owned, server._log_path = record, False, Path(record.log_path)
+        server._settings = settings
         return server
 
     # ---------------------------------------------------------------- facts
@@ -245,6 +249,14 @@ class VLLMServer:
         """Check, start the process group and record it; do not wait (see ``wait_ready``)."""
         if self.alive:
             raise RuntimeError(f"{self!r} is already running")
+        if self._settings is not None:
+            # A handle on a reused server holds the settings' plan: a hub model perhaps not
+            # downloaded, the log preset's file perhaps not written. Do that work now, on the
+            # same port; a private socket gets a fresh folder (the old one went with its server).
+            prepared = from_settings(self._settings, log=progress)
+            self.config = replace(prepared, port=self.config.port,
+                                  uds=private_socket() if self.config.uds else None)
+            self._settings = None
         self._preflight()
         self._log_path = self._new_log()
         server_id = secrets.token_hex(8)
@@ -454,7 +466,7 @@ def _running(config: ServerConfig, settings: Settings, progress, private: bool =
             and (record.uds is not None) == private \
             and (record.uds is None or record.uid == os.getuid())      # a private socket: only our own
         if same and (settings.port is None or record.port == settings.port):
-            server = VLLMServer.attach(record, config)
+            server = VLLMServer.attach(record, config, settings)
             if server is not _OWNED.get(record.guard_pid):
                 progress(f"Reusing {record.describe()}")
                 asked = replace(config, port=record.port, uds=record.uds).command_line()

@@ -98,7 +98,7 @@ def test_missing_model_path_fails_in_milliseconds_before_anything_starts(tmp_pat
     assert records_now() == before
 
 
-def test_reusing_a_running_server_converts_downloads_and_writes_nothing(tmp_path, own_registry, monkeypatch):
+def test_reusing_a_running_server_does_no_work_until_its_handle_starts_a_new_one(tmp_path, own_registry, monkeypatch):
     # A server for these settings runs (a real guard, recorded as a server of the embedded model):
     # get_server() finds it from the settings' plan alone. The model is not converted (a fresh
     # cache folder stays empty), the log preset's file is not written, from_settings never runs.
@@ -118,8 +118,8 @@ def test_reusing_a_running_server_converts_downloads_and_writes_nothing(tmp_path
             started_at=time.time(), command="", uid=os.getuid())
         registry.save(record)
         messages = []
-        server = get_server(load_settings(environ={}, model="embedded", log_preset="quiet"),
-                            progress=messages.append)
+        settings = load_settings(environ={}, model="embedded", log_preset="quiet")
+        server = get_server(settings, progress=messages.append)
         assert server.record == record and not server.owned
         assert any(m.startswith("Reusing smollm2-135m-instruct at http://127.0.0.1:8199") for m in messages)
         assert not (tmp_path / "cache").exists()
@@ -127,6 +127,20 @@ def test_reusing_a_running_server_converts_downloads_and_writes_nothing(tmp_path
     finally:
         ProcessGroup(proc.pid).kill()
         proc.wait(timeout=10)
+
+    # That server ends; started again from this handle, it does the work first, on the same port.
+    class Launching(Exception):
+        pass
+
+    prepared = []
+    monkeypatch.setattr(lifecycle, "from_settings", lambda s, log=None: prepared.append(s) or
+                        ServerConfig(model="prepared", served_model_name=embedded_model.SERVED_NAME))
+    monkeypatch.setattr(VLLMServer, "_preflight", lambda self: (_ for _ in ()).throw(Launching(self.config)))
+    assert not server.alive
+    with pytest.raises(Launching) as launching:
+        server.start(progress=lambda _m: None)
+    assert prepared == [settings]
+    assert (launching.value.args[0].model, launching.value.args[0].port) == ("prepared", 8199)
 
 
 def test_the_start_lock_is_free_while_a_new_servers_model_is_prepared(tmp_path, own_registry, monkeypatch):
