@@ -202,6 +202,20 @@ def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, 
             if entry["starts"] and entry["starts"][-1]["start"] == attempt:
                 entry["starts"][-1]["stop_s"] = stopped_in
             parallel.write_json(out, results)
+            keep_log(log_path, out, f"{name}-{attempt}")
+
+
+def keep_log(log_path: Path, out: Path, name: str) -> None:
+    """The server's log, gzipped beside the results file (``fit-fp16.json`` -> ``fit-fp16-logs/``):
+    notebook 06 reads vLLM's own lines from it."""
+    import gzip
+    import shutil
+
+    if log_path.exists():
+        folder = out.with_name(out.stem + "-logs")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "rb") as src, gzip.open(folder / f"{name}.log.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def new_results(model: str, dummy: bool) -> dict:
