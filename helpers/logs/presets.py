@@ -200,7 +200,18 @@ def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = T
                   fmt: str | None = None) -> dict:
     """A ``logging.config.dictConfig`` that is vLLM's default one plus one line: the stats
     logger at WARNING. Everything else (format, handler, stream, levels) stays vLLM's; ``fmt``
-    defaults to the installed vLLM's format."""
+    defaults to the installed vLLM's format.
+
+    vLLM hands the same file to uvicorn too, as its ``log_config`` (``--log-config-file``
+    defaults to ``VLLM_LOGGING_CONFIG_PATH``: ``get_uvicorn_log_config``, vLLM 0.32.0; 0.26.0
+    alike), and uvicorn then applies it instead of its own default. So uvicorn's default
+    (``uvicorn.config.LOGGING_CONFIG`` of the installed uvicorn) is part of this one: without it
+    uvicorn's INFO lines ("Application startup complete") would have no handler and vanish."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG as uvicorn_default   # installed with vLLM
+
+    uvicorn_default = copy.deepcopy(uvicorn_default)
     formatter = {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": VLLM_DATE_FORMAT,
                  "format": fmt or log_format()}
     if log_level_kwarg:
@@ -208,14 +219,16 @@ def filter_config(stats_logger: str = STATS_LOGGER, *, log_level_kwarg: bool = T
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"vllm": formatter},
+        "formatters": {"vllm": formatter, **uvicorn_default["formatters"]},
         "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm",
-                              "level": "INFO", "stream": "ext://sys.stdout"}},
+                              "level": "INFO", "stream": "ext://sys.stdout"},
+                     **uvicorn_default["handlers"]},
         "loggers": {
             "vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False},
             # The one change: the periodic stats line is INFO, so WARNING drops it (and vLLM,
             # seeing INFO disabled for this logger, does not even create the line's logger).
             stats_logger: {"level": "WARNING"},
+            **uvicorn_default["loggers"],
         },
     }
 

@@ -109,7 +109,12 @@ def test_filter_config_keeps_vllms_own_format_and_handler():
     assert ours["formatters"]["vllm"]["()"] == theirs.get("()", theirs.get("class"))
     assert ours["handlers"]["vllm"]["stream"] == default["handlers"]["vllm"]["stream"]
     assert ours["loggers"]["vllm"] == {**default["loggers"]["vllm"], "level": "INFO"}
-    assert set(ours["loggers"]) == {"vllm", "vllm.v1.metrics.loggers"}
+    # and uvicorn's own default, which a file handed to vLLM replaces (vLLM gives uvicorn the file)
+    from uvicorn.config import LOGGING_CONFIG
+
+    assert set(ours["loggers"]) == {"vllm", "vllm.v1.metrics.loggers", *LOGGING_CONFIG["loggers"]}
+    for part in ("formatters", "handlers", "loggers"):
+        assert {k: ours[part][k] for k in LOGGING_CONFIG[part]} == LOGGING_CONFIG[part]
 
 
 def test_the_formatter_gets_log_level_only_where_vllm_takes_it(tmp_path):
@@ -126,14 +131,18 @@ def test_the_formatter_gets_log_level_only_where_vllm_takes_it(tmp_path):
 
 def test_filter_config_is_valid_for_dictconfig():
     """Applied in this process, the stats logger stops at WARNING and its parent does not."""
+    names = ("vllm", "vllm.v1.metrics.loggers", "uvicorn", "uvicorn.error", "uvicorn.access")
     before = {name: (logging.getLogger(name).level, logging.getLogger(name).handlers[:],
-                     logging.getLogger(name).propagate) for name in ("vllm", "vllm.v1.metrics.loggers")}
+                     logging.getLogger(name).propagate) for name in names}
     try:
         takes = log_presets.formatter_takes_log_level(log_presets.vllm_dir())
         logging.config.dictConfig(filter_config(log_level_kwarg=takes))
         assert not logging.getLogger("vllm.v1.metrics.loggers").isEnabledFor(logging.INFO)
         assert logging.getLogger("vllm.v1.metrics.loggers").isEnabledFor(logging.WARNING)
         assert logging.getLogger("vllm.engine").isEnabledFor(logging.INFO)
+        # uvicorn's start-up lines keep a handler (uvicorn applies this file, not its default)
+        assert logging.getLogger("uvicorn.error").isEnabledFor(logging.INFO)
+        assert logging.getLogger("uvicorn").handlers
     finally:
         for name, (level, handlers, propagate) in before.items():
             lg = logging.getLogger(name)
