@@ -201,15 +201,18 @@ def phases_reached(log_text: str) -> list[str]:
 class StartWatch:
     """What a start has shown so far: the phases reached, and whether it has failed.
 
-    A fatal sign in the log, or a worker process that was there and is gone, is a failure once
-    ``settle`` seconds have passed without vLLM exiting by itself (its own exit gives a fuller
-    log; an API server that stays alive after its engine died would hang the start).
+    A fatal sign in the log, or a worker or engine core process that was there and is gone, is a
+    failure once ``settle`` seconds have passed without vLLM exiting by itself (its own exit gives
+    a fuller log; an API server that stays alive after its engine died would hang the start). On
+    one GPU vLLM 0.26.0 runs the worker inside the engine core (its ``uni`` executor), so there
+    the engine core is the process to watch.
     """
 
     def __init__(self, settle: float = 2.0, clock=time.monotonic):
         self.settle, self.clock = settle, clock
         self.phases: list[str] = []
         self._workers: set[int] = set()
+        self._engines: set[int] = set()
         self._sign: tuple[float, Diagnosis] | None = None
 
     @property
@@ -222,15 +225,22 @@ class StartWatch:
         self.phases += new
         return new
 
-    def failed(self, log_text: str, workers: list[int]) -> Diagnosis | None:
-        """The failure to act on now, or None."""
+    def failed(self, log_text: str, workers: list[int], engines: list[int] = ()) -> Diagnosis | None:
+        """The failure to act on now, or None. ``workers``/``engines``: the pids of the server's
+        ``VLLM::Worker`` and ``VLLM::EngineCore`` processes now."""
         if self._sign is None:
             sign = fatal_sign(log_text)
             lost = self._workers - set(workers)
+            lost_engines = self._engines - set(engines)
             if sign is None and lost:
                 sign = Diagnosis("a worker died", f"worker process(es) {sorted(lost)} exited during start-up",
                                  "the log says why.")
+            elif sign is None and lost_engines:
+                sign = Diagnosis("engine core failed",
+                                 f"engine core process(es) {sorted(lost_engines)} exited during start-up",
+                                 "the log says why.")
             self._workers |= set(workers)
+            self._engines |= set(engines)
             if sign is not None:
                 self._sign = (self.clock(), sign)
         if self._sign is not None and self.clock() - self._sign[0] > self.settle:

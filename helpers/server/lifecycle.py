@@ -340,7 +340,9 @@ class VLLMServer:
                     self.record = replace(self.record, members=tuple(sorted(self.record.group().snapshot())))
                     registry.save(self.record)
                 return self
-            failed = self.owned and watch.failed(text, [pid for pid, name in self.processes() if "VLLM::Worker" in name])
+            processes = self.processes() if self.owned else []
+            failed = self.owned and watch.failed(text, [pid for pid, name in processes if "VLLM::Worker" in name],
+                                                 [pid for pid, name in processes if "VLLM::EngineCore" in name])
             if failed:
                 self._fail_start(failed)      # vLLM did not exit by itself: it would hang here
             if elapsed > timeout:
@@ -372,7 +374,8 @@ class VLLMServer:
             self._reap()
         code = self._guard.wait() if self._guard is not None else None
         text = self.log_text()
-        diagnosis = diagnose(text, code) or sign
+        # after our own kill the exit code says only that we killed it: read the log alone then
+        diagnosis = diagnose(text, None if sign is not None else code) or sign
         self._forget()
         cause = diagnosis.cause if diagnosis else "unknown"
         if sign is not None:

@@ -239,3 +239,17 @@ def test_start_watch_takes_a_vanished_worker_for_a_failure():
     clock.now = 1.5
     failure = watch.failed("", [11])
     assert failure.cause == "a worker died" and "[12]" in failure.evidence
+
+
+def test_start_watch_takes_a_vanished_engine_core_for_a_failure():
+    # One GPU, vLLM 0.26.0: the worker runs inside the engine core (the `uni` executor), so no
+    # VLLM::Worker process exists and the engine core is the process whose loss ends the start
+    from helpers.server.diagnosis import StartWatch
+
+    clock = Clock()
+    watch = StartWatch(settle=1.0, clock=clock)
+    assert watch.failed("", [], [21]) is None
+    assert watch.failed("", [], []) is None
+    clock.now = 1.5
+    failure = watch.failed("", [], [])
+    assert failure.cause == "engine core failed" and "[21]" in failure.evidence
