@@ -58,6 +58,8 @@ def test_every_text_cell_stands_in_english_and_in_chinese(path):
         if cell["cell_type"] == "markdown" and not belongs_to_both(source(cell)):
             english, _, chinese = source(cell).partition(CHINESE)
             assert english.strip() and chinese.strip(), source(cell)[:200]
+            # a "---" right under a line of text makes that line a heading (Markdown's setext form)
+            assert not re.search(r"[^\n]\n---\n", source(cell)), f"no blank line before ---: {source(cell)[:200]}"
             quoted = english.replace("算力", "")        # the origin's own word, quoted in English
             assert re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"[\u4e00-\u9fff]", quoted), \
                 source(cell)[:200]

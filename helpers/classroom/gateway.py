@@ -27,8 +27,9 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   its open streams end within about a second with an ``{"error": ...}`` event that says so
   (a request still waiting for its answer gets the 401 itself). A keys file that turns
   unreadable refuses every new request (503) until it is fixed: never fail open.
-* **Fairness**: at most ``per_key_concurrency`` generation requests open per key and
-  ``global_concurrency`` in all (429 beyond, at once, with the reason), counted before a body is
+* **Fairness**: at most ``per_key_concurrency`` generation requests open per key,
+  ``per_key_requests`` of any route per key (so one key's ``/metrics`` loops cannot fill the
+  class's places) and ``global_concurrency`` in all (429 beyond, at once, with the reason), counted before a body is
   read; bodies are limited in size, time and nesting, and policed (``policy``). Before any of
   that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
   must arrive within ``header_timeout`` (``connections``); no WebSockets.
@@ -199,6 +200,7 @@ class Gateway:
         self.flows: dict[str, set[Flow]] = defaultdict(set)
         self.open_total = 0
         self.open_generation: dict[str, int] = defaultdict(int)
+        self.open_requests: dict[str, int] = defaultdict(int)      # every route, per key
         self.closing = False
         self._watch_task: asyncio.Task | None = None
         self._health: tuple[float, bool] = (-1e9, False)
@@ -328,12 +330,21 @@ class Gateway:
             raise Refused(429, f"too many requests at once on this key: {self.limits.per_key_concurrency} are "
                                f"still open (the most one key may have); wait for one to finish",
                           type="rate_limit_error", code="too_many_concurrent_requests")
+        # every route counts here, /metrics and /v1/models too: one key cannot fill the class's places
+        if self.open_requests[key_hash] >= self.limits.per_key_requests:
+            raise Refused(429, f"too many requests at once on this key: {self.limits.per_key_requests} of any "
+                               f"kind are still open (the most one key may have); wait for one to finish",
+                          type="rate_limit_error", code="too_many_concurrent_requests")
         self.open_total += 1
+        self.open_requests[key_hash] += 1
         if generation:
             self.open_generation[key_hash] += 1
 
     def release(self, key_hash: str, generation: bool) -> None:
         self.open_total -= 1
+        self.open_requests[key_hash] -= 1
+        if not self.open_requests[key_hash]:
+            del self.open_requests[key_hash]
         if generation:
             self.open_generation[key_hash] -= 1
             if not self.open_generation[key_hash]:

@@ -13,8 +13,9 @@ a message that names the rule, or rewritten to fit:
 * ``n`` becomes 1, ``best_of`` and ``priority`` are dropped, ``request_id`` is dropped (vLLM
   makes its own; two requests with the same id must not meet in the engine);
 * ``allowed_token_ids`` and ``logit_bias`` may hold at most ``max_allowed_token_ids`` /
-  ``max_logit_bias`` entries, ``stop_token_ids`` and ``bad_words`` at most
-  ``max_stop_token_ids``, ``stop`` at most ``max_stop`` strings;
+  ``max_logit_bias`` entries, ``stop_token_ids`` at most ``max_stop_token_ids``, ``bad_words``
+  at most ``max_bad_words`` words of ``max_bad_words_bytes`` in all, ``stop`` at most
+  ``max_stop`` strings;
 * structured outputs (``structured_outputs``, ``response_format``, ``tools`` when a call is
   forced, the older ``guided_*``) take at most ``max_structured_bytes`` in all, and no counted
   repetition (``{m,n}`` in a regex or grammar, ``maxLength``/``maxItems``... in a schema,
@@ -45,10 +46,17 @@ class Limits:
     max_body_bytes: int = 64 * 1024       # a request body larger than this: 413
     max_tokens: int = 512                 # cap on max_tokens / max_completion_tokens
     per_key_concurrency: int = 4          # generation requests open at once on one key (then 429)
+    per_key_requests: int = 8             # requests of any route open at once on one key (then 429)
     global_concurrency: int = 64          # requests open at once through the gateway (then 429)
     max_allowed_token_ids: int = 1024
     max_logit_bias: int = 1024
-    max_stop_token_ids: int = 128         # also the cap on bad_words
+    # vLLM 0.26.0's GPU model runner raises inside the engine above 128 stop tokens when
+    # min_tokens > 0, counting the EOS ids it adds itself (v1/worker/gpu/sample/logit_bias.py)
+    max_stop_token_ids: int = 64
+    # and above 128 bad-word sequences or 1,024 bad-word tokens (v1/worker/gpu/sample/bad_words.py);
+    # a word may become two sequences (with and without a leading space), a byte at most one token
+    max_bad_words: int = 32
+    max_bad_words_bytes: int = 256        # UTF-8 bytes of all bad_words together
     max_stop: int = 16                    # stop strings
     body_timeout: float = 30.0            # seconds to receive a request body (then 408)
     max_structured_bytes: int = 8 * 1024  # structured_outputs + response_format + tools, as JSON
@@ -189,7 +197,14 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
     _count(body, "allowed_token_ids", (list,), limits.max_allowed_token_ids, "entries")
     _count(body, "logit_bias", (dict,), limits.max_logit_bias, "entries")
     _count(body, "stop_token_ids", (list,), limits.max_stop_token_ids, "entries")
-    _count(body, "bad_words", (list,), limits.max_stop_token_ids, "entries")
+    _count(body, "bad_words", (list,), limits.max_bad_words, "entries")
+    words = body.get("bad_words")
+    if isinstance(words, list):
+        size = sum(len(w.encode()) for w in words if isinstance(w, str))
+        if size > limits.max_bad_words_bytes:
+            raise Refused(400, f"bad_words hold {size} bytes in all; this class server allows at most "
+                               f"{limits.max_bad_words_bytes} (longer lists can stop the model server for everyone)",
+                          code="too_many_bad_words", param="bad_words")
     _count(body, "stop", (list,), limits.max_stop, "strings")
     _police_structured(body, limits)
     if route == "/v1/completions":

@@ -272,8 +272,11 @@ class VLLMServer:
             if alone:
                 argv = alone
             else:
-                progress(f"note: vLLM's engine ports stay on this machine's loopback, where other users can reach "
-                         f"them (no HTTP there, but they could disturb the engine): {why}")
+                progress(f"note: vLLM's engine ports are not in a network of their own: {why}. On the CPU build "
+                         f"they listen on this machine's loopback, where other users can reach them (no HTTP there, "
+                         f"but they could disturb the engine); vLLM 0.26.0 on a GPU also opens a torch.distributed "
+                         f"store on every address of the machine, with no key: let a firewall pass only the "
+                         f"gateway's port")
         with open(self._log_path, "ab") as log:
             self._guard, self._owner_fd = guard.spawn(argv, marker=server_id, env=env,
                                                       log_file=log, owner=not self.detached)

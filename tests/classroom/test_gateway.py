@@ -263,8 +263,11 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
     path, made = class_keys
     refused = [({"allowed_token_ids": list(range(2000))}, "too_many_allowed_token_ids"),
                ({"logit_bias": {str(i): 1 for i in range(1025)}}, "too_many_logit_bias"),
-               ({"stop_token_ids": list(range(129))}, "too_many_stop_token_ids"),
-               ({"bad_words": ["w"] * 129}, "too_many_bad_words"),
+               ({"stop_token_ids": list(range(65))}, "too_many_stop_token_ids"),
+               # vLLM 0.26.0's GPU runner: more than 128 bad-word sequences or 1,024 tokens kill the
+               # engine, and one word may become two sequences: words and their bytes are capped
+               ({"bad_words": ["w"] * 33}, "too_many_bad_words"),
+               ({"bad_words": ["a" * 200, "b" * 57]}, "too_many_bad_words"),
                ({"stop": ["s"] * 17}, "too_many_stop"),
                ({"prompt_embeds": "AAAA"}, "field_not_allowed"),
                ({"kv_transfer_params": {"do_remote_decode": True}}, "field_not_allowed"),
@@ -298,7 +301,7 @@ def test_lists_that_can_kill_the_engine_are_refused_and_smaller_ones_pass(fake, 
         assert error_of(reply)["code"] == "too_many_prompts"
         assert generation_requests(fake) == []
         fine = chat(allowed_token_ids=list(range(1024)), logit_bias={str(i): 1 for i in range(1024)},
-                    stop_token_ids=list(range(128)))
+                    stop_token_ids=list(range(64)), bad_words=["w" * 8] * 32)
         assert client.post("/v1/chat/completions", headers=key, json=fine).status_code == 200
         assert client.post("/v1/completions", headers=key, json={"prompt": [1, 2, 3]}).status_code == 200
         assert client.post("/v1/completions", headers=key, json={"prompt": ["one"]}).status_code == 200
@@ -374,6 +377,27 @@ def test_per_key_limit_refuses_the_fifth_stream_while_other_keys_still_stream(fa
         assert wait_for(lambda: gw.state.open_generation.get(keyfile.hash_key(made["ana"])) == 3, 10)
         assert client.post("/v1/completions", headers=bearer(made["ana"]), json={"prompt": "x"}).status_code == 200
     assert wait_for(lambda: gw.state.open_total == 0 and fake.open == 0, 10)
+
+
+def test_every_route_counts_against_a_keys_places_so_one_key_cannot_fill_the_class(fake, class_keys):
+    # /metrics, /v1/models and /version are not generation, but each open one holds a place of
+    # the whole class: a key may hold at most per_key_requests of any route (a reader found that
+    # one key's /metrics loops could take every place of the class)
+    path, made = class_keys
+    with gateway(fake.url, path, per_key_concurrency=4, per_key_requests=3) as gw, \
+            httpx.Client(base_url=gw.url, timeout=30) as client, contextlib.ExitStack() as streams:
+        held = [streams.enter_context(client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
+                                                    json=chat(stream=True, hold=True))) for _ in range(3)]
+        assert [r.status_code for r in held] == [200] * 3
+        for route in ("/v1/models", "/metrics", "/version"):
+            reply = client.get(route, headers=bearer(made["ana"]))
+            assert reply.status_code == 429, route
+            assert error_of(reply)["code"] == "too_many_concurrent_requests" and "of any kind" in error_of(reply)["message"]
+        assert client.get("/v1/models", headers=bearer(made["bo"])).status_code == 200
+        held[0].close()
+        assert wait_for(lambda: gw.state.open_requests.get(keyfile.hash_key(made["ana"])) == 2, 10)
+        assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200
+    assert wait_for(lambda: gw.state.open_total == 0 and not gw.state.open_requests, 10)
 
 
 def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
