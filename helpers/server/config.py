@@ -199,7 +199,7 @@ def _config(settings: Settings, model: ResolvedModel, gpus: tuple[hardware.Gpu, 
                             "CPU backend: the share of one NUMA node's memory vLLM may plan with"))
         if not _has_flag(settings.extra_args, "--enforce-eager"):
             extra += ["--enforce-eager"]
-            reasons.append(("--enforce-eager", "skip torch.compile: ready in about 1 min instead of 4 on 2 cores"))
+            reasons.append(("--enforce-eager", "skip torch.compile and its cost at every start"))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB))
         reasons.append((f"VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']}",
                         "GiB of RAM for the KV cache on the CPU backend"))

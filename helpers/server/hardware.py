@@ -21,10 +21,11 @@ from ..errors import UnsupportedGpuError
 
 # Below this compute capability a GPU has no bfloat16 (T4 = 7.5, V100 = 7.0).
 BF16_MIN_CAPABILITY = (8, 0)
-# vLLM refuses GPUs below this (P100 = 6.0).
+# vLLM's installation guide asks for at least this; the helpers refuse older GPUs (P100 = 6.0).
 VLLM_MIN_CAPABILITY = (7, 0)
-# vLLM's default --gpu-memory-utilization, and the share of it the weights may take so that
-# the KV cache still gets room.
+# This tutorial's rule of thumb, not vLLM's: plan with 0.9 of a card (vLLM's default
+# --gpu-memory-utilization is 0.92 in 0.26.0 and 0.32.0) and let the weights take 0.8 of that,
+# so that the KV cache still gets room.
 GPU_MEMORY_UTILIZATION = 0.9
 WEIGHTS_SHARE = 0.8
 # The pip packages that carry NCCL: the origin pinned the CUDA 12 one; torch 2.13 wheels use CUDA 13.

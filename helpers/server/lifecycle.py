@@ -151,7 +151,7 @@ class VLLMServer:
             args = guard.command_of(pid)
             if args and Path(args[0]).name.startswith("python"):
                 args = args[1:]
-            label = " ".join(args)
+            label = " ".join(short_path(a) if a.startswith("/") else a for a in args)   # ~ for the home folder
             if guard.__file__ and Path(guard.__file__).name in label:
                 label = "guard.py (owns the group)"
             elif "resource_tracker" in label:
