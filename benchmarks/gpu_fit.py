@@ -33,6 +33,7 @@ at its time limit keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -172,7 +173,11 @@ def run_config(name: str, model: str, results: dict, out: Path, *, dummy: bool, 
         command = serve_command(model, CONFIGS[name], port, dummy=dummy, cpu=cpu)
         log_path = work / f"{attempt}.log"
         log(f"[{name}] {attempt} start: {' '.join(command)}")
-        proc, ready_s = start(command, env, log_path)
+        try:
+            proc, ready_s = start(command, env, log_path)
+        except BaseException:
+            keep_log(log_path, out, f"{name}-{attempt}")     # a failed start's log is the one to read
+            raise
         try:
             text = log_path.read_text(errors="replace")
             record = {"start": attempt, "ready_s": ready_s, "command": command,
@@ -211,7 +216,9 @@ def keep_log(log_path: Path, out: Path, name: str) -> None:
     import gzip
     import shutil
 
-    if log_path.exists():
+    if not log_path.exists():
+        return
+    with contextlib.suppress(OSError):                # never hide what the run itself raised
         folder = out.with_name(out.stem + "-logs")
         folder.mkdir(parents=True, exist_ok=True)
         with open(log_path, "rb") as src, gzip.open(folder / f"{name}.log.gz", "wb") as dst:

@@ -671,7 +671,8 @@ async def _serve(app: Starlette, sock: socket.socket, url: str, args) -> None:
     if server.started:
         table = gateway.keys.table
         print(f"{READY_LINE} {url} -> {shown_at(gateway.upstream, gateway.upstream_uds)} ({len(table.active)} student key(s); "
-              f"max_tokens {gateway.limits.max_tokens}, {gateway.limits.per_key_concurrency} open per key, "
+              f"max_tokens {gateway.limits.max_tokens}, {gateway.limits.per_key_concurrency} generating and "
+              f"{gateway.limits.per_key_requests} requests open per key, "
               f"{gateway.limits.global_concurrency} in all)", flush=True)
         if args.follow_pid:
             _follow(args.follow_pid, args.follow_start, server, server.loop)

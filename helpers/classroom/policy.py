@@ -200,7 +200,7 @@ def police(body: dict, route: str, limits: Limits) -> tuple[dict, list[str]]:
     _count(body, "bad_words", (list,), limits.max_bad_words, "entries")
     words = body.get("bad_words")
     if isinstance(words, list):
-        size = sum(len(w.encode()) for w in words if isinstance(w, str))
+        size = sum(len(w.encode("utf-8", "surrogatepass")) for w in words if isinstance(w, str))
         if size > limits.max_bad_words_bytes:
             raise Refused(400, f"bad_words hold {size} bytes in all; this class server allows at most "
                                f"{limits.max_bad_words_bytes} (longer lists can stop the model server for everyone)",

@@ -198,6 +198,12 @@ def phases_reached(log_text: str) -> list[str]:
     return [label for marker, label in PHASES if marker in log_text]
 
 
+# A process gone with no fatal line in the log: a signal ended it, most often the kernel's
+# out-of-memory killer.
+LOST_HINT = ("no error in the log before it went: most likely a signal ended it, often the kernel's "
+             "out-of-memory killer (see `dmesg` or `journalctl -k`); give the server less memory to use.")
+
+
 class StartWatch:
     """What a start has shown so far: the phases reached, and whether it has failed.
 
@@ -234,11 +240,11 @@ class StartWatch:
             lost_engines = self._engines - set(engines)
             if sign is None and lost:
                 sign = Diagnosis("a worker died", f"worker process(es) {sorted(lost)} exited during start-up",
-                                 "the log says why.")
+                                 LOST_HINT)
             elif sign is None and lost_engines:
                 sign = Diagnosis("engine core failed",
                                  f"engine core process(es) {sorted(lost_engines)} exited during start-up",
-                                 "the log says why.")
+                                 LOST_HINT)
             self._workers |= set(workers)
             self._engines |= set(engines)
             if sign is not None:

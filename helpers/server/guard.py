@@ -113,6 +113,15 @@ def command_of(pid: int) -> list[str]:
         return []
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent of ``pid`` (None when it is gone)."""
+    psutil = _psutil()
+    try:
+        return psutil.Process(pid).ppid()
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
 def owner_uid(pid: int) -> int | None:
     """The effective user of ``pid`` (None when it is gone)."""
     psutil = _psutil()

@@ -252,10 +252,9 @@ class VLLMServer:
         if self._settings is not None:
             # A handle on a reused server holds the settings' plan: a hub model perhaps not
             # downloaded, the log preset's file perhaps not written. Do that work now, on the
-            # same port; a private socket gets a fresh folder (the old one went with its server).
+            # same port and socket path (_preflight gives a fresh folder if the old one is gone).
             prepared = from_settings(self._settings, log=progress)
-            self.config = replace(prepared, port=self.config.port,
-                                  uds=private_socket() if self.config.uds else None)
+            self.config = replace(prepared, port=self.config.port, uds=self.config.uds)
             self._settings = None
         self._preflight()
         self._log_path = self._new_log()
@@ -320,8 +319,8 @@ class VLLMServer:
 
         Prints each start-up phase as the log reaches it and a heartbeat every 15 s, so a
         watching learner (and nbval) always sees progress. Raises ``ServerStartError`` within
-        seconds when the process exits, a fatal line appears in the log or a worker process
-        is gone; ``StartupTimeoutError`` (after stopping it) at the timeout.
+        seconds when the process exits, a fatal line appears in the log or a worker or engine
+        core process is gone; ``StartupTimeoutError`` (after stopping it) at the timeout.
         """
         timeout = timeout or self.config.startup_timeout
         if self.alive and self._answers():
@@ -344,8 +343,8 @@ class VLLMServer:
                     registry.save(self.record)
                 return self
             processes = self.processes() if self.owned else []
-            failed = self.owned and watch.failed(text, [pid for pid, name in processes if "VLLM::Worker" in name],
-                                                 [pid for pid, name in processes if "VLLM::EngineCore" in name])
+            failed = self.owned and watch.failed(text, _titled(processes, "VLLM::Worker"),
+                                                 _titled(processes, "VLLM::EngineCore"))
             if failed:
                 self._fail_start(failed)      # vLLM did not exit by itself: it would hang here
             if elapsed > timeout:
@@ -460,6 +459,14 @@ def _refuse_network_host(host: str) -> None:
             f"API key guards only its /v1 routes (/invocations, /tokenize, /metrics ... answer anyone). "
             f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
             f"behind a gateway that checks every student's key (notebook 08).")
+
+
+def _titled(processes: list[tuple[int, str]], title: str) -> list[int]:
+    """The pids whose label has ``title``, without their children: a process forked by the engine
+    core (compile workers, or a moment before exec) carries its title too, and its end is no
+    failure."""
+    pids = {pid for pid, name in processes if title in name}
+    return sorted(pid for pid in pids if guard.parent_of(pid) not in pids)
 
 
 def _running(config: ServerConfig, settings: Settings, progress, private: bool = False) -> VLLMServer | None:

@@ -76,6 +76,7 @@ class FakeVLLM:
     cancelled: int = 0
     open: int = 0
     sent: list[bytes] = field(default_factory=list)
+    hold_metrics: bool = False            # GET /metrics sends one line, then holds until the client goes
 
     def app(self) -> Starlette:
         async def health(request: Request):
@@ -100,6 +101,8 @@ class FakeVLLM:
 
         async def metrics(request: Request):
             self._record(request, None)
+            if self.hold_metrics:
+                return StreamingResponse(self._held_lines(), media_type="text/plain")
             return PlainTextResponse('vllm:num_requests_running{engine="0"} 0.0\n')
 
         async def version(request: Request):
@@ -134,6 +137,18 @@ class FakeVLLM:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
             self.cancelled += 1
+        finally:
+            self.open -= 1
+
+    async def _held_lines(self):
+        self.open += 1
+        try:
+            yield b'vllm:num_requests_running{engine="0"} 0.0\n'
+            while True:
+                await asyncio.sleep(0.05)          # cancelled when the client goes
+        except BaseException:
+            self.cancelled += 1
+            raise
         finally:
             self.open -= 1
 

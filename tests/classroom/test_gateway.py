@@ -382,22 +382,25 @@ def test_per_key_limit_refuses_the_fifth_stream_while_other_keys_still_stream(fa
 def test_every_route_counts_against_a_keys_places_so_one_key_cannot_fill_the_class(fake, class_keys):
     # /metrics, /v1/models and /version are not generation, but each open one holds a place of
     # the whole class: a key may hold at most per_key_requests of any route (a reader found that
-    # one key's /metrics loops could take every place of the class)
+    # one key's /metrics requests, held open, could take every place of the class)
     path, made = class_keys
+    fake.hold_metrics = True
     with gateway(fake.url, path, per_key_concurrency=4, per_key_requests=3) as gw, \
-            httpx.Client(base_url=gw.url, timeout=30) as client, contextlib.ExitStack() as streams:
-        held = [streams.enter_context(client.stream("POST", "/v1/chat/completions", headers=bearer(made["ana"]),
-                                                    json=chat(stream=True, hold=True))) for _ in range(3)]
+            httpx.Client(base_url=gw.url, timeout=30) as client, contextlib.ExitStack() as held_open:
+        held = [held_open.enter_context(client.stream("GET", "/metrics", headers=bearer(made["ana"])))
+                for _ in range(3)]
         assert [r.status_code for r in held] == [200] * 3
-        for route in ("/v1/models", "/metrics", "/version"):
-            reply = client.get(route, headers=bearer(made["ana"]))
+        assert wait_for(lambda: fake.open == 3, 10)
+        for method, route, body in (("GET", "/metrics", None), ("GET", "/v1/models", None),
+                                    ("POST", "/v1/chat/completions", chat())):
+            reply = client.request(method, route, headers=bearer(made["ana"]), json=body)
             assert reply.status_code == 429, route
             assert error_of(reply)["code"] == "too_many_concurrent_requests" and "of any kind" in error_of(reply)["message"]
         assert client.get("/v1/models", headers=bearer(made["bo"])).status_code == 200
         held[0].close()
         assert wait_for(lambda: gw.state.open_requests.get(keyfile.hash_key(made["ana"])) == 2, 10)
         assert client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200
-    assert wait_for(lambda: gw.state.open_total == 0 and not gw.state.open_requests, 10)
+    assert wait_for(lambda: gw.state.open_total == 0 and not gw.state.open_requests and fake.open == 0, 10)
 
 
 def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
