@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import re
 import socket
 import sys
 import time
@@ -89,8 +90,10 @@ def stream(config: dict) -> dict:
         out["model_ids"] = [m["id"] for m in models.json().get("data", [])] if models.status_code == 200 else []
         started = time.monotonic()
         pieces = []
-        with client.stream("POST", url + "/v1/chat/completions", headers=headers,
-                           json=_chat_body(config, config["max_tokens"])) as reply:
+        # usage in the last event: the tokens the server made, whatever text they decode to (a
+        # special token decodes to nothing and makes no event of its own)
+        body = {**_chat_body(config, config["max_tokens"]), "stream_options": {"include_usage": True}}
+        with client.stream("POST", url + "/v1/chat/completions", headers=headers, json=body) as reply:
             out["status"] = reply.status_code
             out["headers"] = {k: reply.headers.get(k) for k in ("content-type", "cache-control", "x-accel-buffering")}
             for piece in reply.iter_raw():
@@ -101,7 +104,8 @@ def stream(config: dict) -> dict:
                done_in_first_content_piece=b"[DONE]" in pieces[first_content][1],
                first_content_s=pieces[first_content][0], done_s=pieces[-1][0],
                ends_with_done=text.rstrip().endswith(b"data: [DONE]"),
-               events=text.count(b"\n\ndata: ") + 1)
+               events=text.count(b"\n\ndata: ") + 1,
+               completion_tokens=[int(n) for n in re.findall(rb'"completion_tokens":\s*(\d+)', text)])
     return out
 
 

@@ -208,7 +208,10 @@ def test_a_valid_key_lists_models_and_streams_as_the_answer_is_made(student_net,
     assert seen["status"] == 200
     assert seen["headers"]["content-type"].startswith("text/event-stream")
     assert seen["headers"]["cache-control"] == "no-cache" and seen["headers"]["x-accel-buffering"] == "no"
-    assert seen["ends_with_done"] and seen["events"] >= 32
+    # every token the server made came (its own count in the usage event), in several events
+    # (not by counting events: a token that decodes to nothing, such as a special one, makes none;
+    # CI once got 27 events for 32 tokens)
+    assert seen["ends_with_done"] and seen["completion_tokens"] == [32] and seen["events"] >= 3
     assert not seen["done_in_first_content_piece"]          # the first words came before the end
     assert seen["pieces"] > 2 and seen["done_s"] > seen["first_content_s"]
 
