@@ -151,7 +151,7 @@ class VLLMServer:
             args = guard.command_of(pid)
             if args and Path(args[0]).name.startswith("python"):
                 args = args[1:]
-            label = " ".join(short_path(a) if a.startswith("/") else a for a in args)   # ~ for the home folder
+            label = " ".join(map(short_path, args))     # the home folder as ~ (short_path leaves other words be)
             if guard.__file__ and Path(guard.__file__).name in label:
                 label = "guard.py (owns the group)"
             elif "resource_tracker" in label:
@@ -342,9 +342,10 @@ class VLLMServer:
                     self.record = replace(self.record, members=tuple(sorted(self.record.group().snapshot())))
                     registry.save(self.record)
                 return self
-            processes = self.processes() if self.owned else []
-            failed = self.owned and watch.failed(text, _titled(processes, "VLLM::Worker"),
-                                                 _titled(processes, "VLLM::EngineCore"))
+            failed = None
+            if self.owned:
+                processes = self.processes()
+                failed = watch.failed(text, _titled(processes, "VLLM::Worker"), _titled(processes, "VLLM::EngineCore"))
             if failed:
                 self._fail_start(failed)      # vLLM did not exit by itself: it would hang here
             if elapsed > timeout:
