@@ -312,7 +312,8 @@ def test_a_kernel_killed_while_the_engine_starts_leaves_nothing_after_5_s(gpu_me
 
 
 @pytest.mark.vllm
-def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(config, gpu_memory_returns):
+def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(config, gpu_memory_returns,
+                                                                                monkeypatch):
     # Seen with tensor parallelism on two GPUs: a worker died with a CUDA error, the API server
     # and engine core stayed alive, and the wait went on to the timeout. On the CPU vLLM exits by
     # itself, so here the API server is frozen (SIGSTOP) to hold it alive the same way, and a
@@ -324,6 +325,16 @@ def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(
     # (a killed engine core writes no line of its own to the log).
     import threading
 
+    from helpers.server.diagnosis import StartWatch
+
+    shown: set[int] = set()              # the pids the start watch has been shown, by the wait itself
+    watched = StartWatch.failed
+
+    def failed(self, log_text, workers, engines=()):
+        shown.update(workers, engines)
+        return watched(self, log_text, workers, engines)
+
+    monkeypatch.setattr(StartWatch, "failed", failed)
     target = "VLLM::EngineCore" if hardware.gpus() and config.tensor_parallel_size == 1 else "VLLM::Worker"
     messages: list[str] = []
     server = VLLMServer(config)
@@ -341,9 +352,9 @@ def test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s(
     waiting = threading.Thread(target=wait, daemon=True)
     waiting.start()
     try:
-        workers = lambda: [pid for pid, name in server.processes() if target in name]  # noqa: E731
+        # one the wait has been shown (not a time to sleep: a slow machine polls slower)
+        workers = lambda: [pid for pid, name in server.processes() if target in name and pid in shown]  # noqa: E731
         assert wait_for(workers, 300), server.processes()   # a loaded machine starts slowly
-        time.sleep(4 * lifecycle.POLL_SECONDS)              # the wait has seen it
         api = next(pid for pid, name in server.processes() if "vllm.entrypoints" in name)   # either launch form
         os.kill(api, signal.SIGSTOP)
         os.kill(workers()[0], signal.SIGKILL)
