@@ -20,6 +20,9 @@
 #   failures   the two server tests that failed in run 4, alone (their reasons were cut off)
 #   schema     the first of them alone (about 3 min: the shared server's start, then the test)
 #   server-b   the server tests that run 4 did not reach (after the first 14 by collection order)
+#   changed    the two server tests changed after run 6 (the class server started twice; the engine
+#              core that dies while its API server lives), alone
+#   n06        notebook 06 alone          sol01      solution 01 alone
 #   sol09      solution 09, which needs vllm-router: carry .gpu/router (its wheel, orjson,
 #              setproctitle) in a call of its own first: bash /tmp/stash/unpack.sh .gpu/router
 # JUnit files and logs go to $OUT.
@@ -83,6 +86,11 @@ for stage in $stages; do
     rest) run rest 500 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[0156]_*.ipynb ;;
     rest-a) run rest-a 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[01]_*.ipynb ;;
     rest-b) run rest-b 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/0[56]_*.ipynb ;;
+    changed) run changed 450 -m vllm \
+      "tests/server/test_lifecycle.py::test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line" \
+      "tests/server/test_lifecycle.py::test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s" ;;
+    n06) run n06 450 "${lax[@]}" --nbval-cell-timeout 400 notebooks/06_*.ipynb ;;
+    sol01) run sol01 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/01_*.ipynb ;;
     sol09) run sol09 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/09_*.ipynb ;;
     solutions) run solutions 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
     server) run server 530 -m "vllm and not browser and not netns" tests ;;
