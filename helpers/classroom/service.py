@@ -131,8 +131,8 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
       ``http://127.0.0.1:PORT`` URL of something that speaks vLLM's API there, such as a router in
       front of several replicas (notebook 09); the gateway then runs until it is stopped. Loopback
       keeps other machines out, not other users of this one: vllm-router checks no client key
-      (its routes include ``/add_worker``), and vLLM's key guards ``/v1`` only; a note says so,
-      unless ``network`` is given.
+      (its routes include ``/add_worker``), and vLLM's key guards ``/v1``, ``/v2`` and
+      ``/inference`` only; a note says so, unless ``network`` is given.
     * ``network``: with a URL, the ``PrivateNetwork`` (``helpers.classroom.network``) that the
       router and its replicas run in: the gateway binds ``host``:``port`` here, then enters it,
       and reaches the URL inside, where no other user of this machine can.
@@ -316,7 +316,8 @@ def start_class_server(settings=None, *, detached: bool = True) -> ClassServer:
             f"  ./tutorial.sh keys create --url http://<this machine's address>:{settings.port or 8080} --count 30")
     key = class_internal_key(keyfile.default_dir())
     # vLLM on a Unix socket in a private folder: other users of this machine cannot reach it
-    # (on 127.0.0.1 they could: its key guards /v1 only, /invocations answers without one)
+    # (on 127.0.0.1 they could: its key guards /v1, /v2 and /inference only;
+    # /invocations answers without one)
     server = get_server(replace(settings, host="127.0.0.1", port=None, api_key=key), detached=detached,
                         private=True)
     gateway = start_gateway(server, host=settings.host, port=settings.port or 8080, keys_path=keys_path,

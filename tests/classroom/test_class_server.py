@@ -1,7 +1,7 @@
 """A whole class server as ``./tutorial.sh serve`` starts it (``start_class_server``), against real
 vLLM: vLLM on a Unix socket in a private folder, in a network namespace of its own, the gateway in
-front. Another user of the same machine cannot reach vLLM at all (on 127.0.0.1 they could: its key guards only /v1, and
-/invocations generates text without one)."""
+front. Another user of the same machine cannot reach vLLM at all (on 127.0.0.1 they could: its key
+guards only /v1, /v2 and /inference, and /invocations generates text without one)."""
 
 from __future__ import annotations
 

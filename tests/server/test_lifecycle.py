@@ -175,8 +175,8 @@ def test_busy_port_is_refused_at_once(listener, own_registry):
 
 
 def test_a_network_address_is_refused_before_anything_starts(own_registry):
-    # vLLM's own key guards only its /v1 routes: no vLLM server faces the network (a class server
-    # is vLLM on loopback behind the gateway).
+    # vLLM's own key guards only /v1, /v2 and /inference: no vLLM server faces the network (a
+    # class server is vLLM on loopback behind the gateway).
     from helpers.errors import UnsafeHostError
 
     before = records_now()
