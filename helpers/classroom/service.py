@@ -131,8 +131,8 @@ def start_gateway(server, *, host: str, port: int | None = None, keys_path: Path
       ``http://127.0.0.1:PORT`` URL of something that speaks vLLM's API there, such as a router in
       front of several replicas (notebook 09); the gateway then runs until it is stopped. Loopback
       keeps other machines out, not other users of this one: vllm-router checks no client key
-      (its routes include ``/add_worker``), and vLLM's key guards ``/v1``, ``/v2`` and
-      ``/inference`` only; a note says so, unless ``network`` is given.
+      (its routes include ``/add_worker``; a note says so, unless ``network`` is given), and
+      vLLM's key guards only ``/v1``, ``/v2`` and ``/inference`` (0.32.0: and ``/cohere``).
     * ``network``: with a URL, the ``PrivateNetwork`` (``helpers.classroom.network``) that the
       router and its replicas run in: the gateway binds ``host``:``port`` here, then enters it,
       and reaches the URL inside, where no other user of this machine can.

@@ -121,13 +121,14 @@ FATAL_RULES = (
                   "unexpectedly (exit code: -9), shutting down executor."),
     _rule("CUDA error",
           r"CUDA error[^\n]*|CUBLAS_STATUS_[A-Z_]+[^\n]*|an illegal memory access[^\n]*",
-          "a GPU kernel failed. With tensor parallelism on Hopper GPUs and vLLM 0.25-0.26 this is "
-          "the all-reduce + RMSNorm fusion (see notebook 07): start with "
-          "VLLM_ALLREDUCE_USE_FLASHINFER=0 and -cc.pass_config.fuse_allreduce_rms=False, or "
-          "--enforce-eager.",
-          zh=("CUDA 错误", "某个 GPU kernel 出错了。在 Hopper GPU 上用 vLLM 0.25–0.26 做张量并行时，原因是 all-reduce "
-                          "+ RMSNorm 融合（见 notebook 07）：启动时加上 VLLM_ALLREDUCE_USE_FLASHINFER=0 和 "
-                          "-cc.pass_config.fuse_allreduce_rms=False，或者使用 --enforce-eager。"),
+          "a GPU kernel failed. With tensor parallelism, vLLM 0.25-0.26 and GPUs without NVLink "
+          "multicast, this is most likely the all-reduce + RMSNorm fusion, which those releases turn "
+          "on by default on Hopper and Blackwell GPUs (vllm#48071, notebook 07): start with "
+          "-cc.pass_config.fuse_allreduce_rms=false, or --enforce-eager.",
+          zh=("CUDA 错误", "某个 GPU kernel 出错了。用 vLLM 0.25–0.26 做张量并行、而 GPU 之间没有 NVLink 多播时，"
+                          "多半是 all-reduce + RMSNorm 融合的问题：这两个版本在 Hopper 和 Blackwell GPU 上默认打开它"
+                          "（vllm#48071，见 notebook 07）。启动时加上 -cc.pass_config.fuse_allreduce_rms=false，"
+                          "或者用 --enforce-eager。"),
           example="RuntimeError: CUDA error: an illegal memory access was encountered"),
     _rule("engine core failed",
           r"EngineCore (?:failed to start|encountered a fatal error)[^\n]*|"

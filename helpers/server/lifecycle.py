@@ -457,8 +457,8 @@ def _refuse_network_host(host: str) -> None:
     if host not in LOOPBACK:
         raise UnsafeHostError(
             f"a vLLM server on {host} could be reached from other machines, and vLLM's own API key "
-            f"guards only the routes under /v1, /v2 and /inference (/invocations, /tokenize, /metrics ... "
-            f"answer anyone). "
+            f"guards only the routes under /v1, /v2 and /inference (0.32.0 adds /cohere; /invocations, "
+            f"/tokenize, /metrics ... answer anyone). "
             f"Keep host 127.0.0.1; for a class, ./tutorial.sh serve with that host puts vLLM on loopback "
             f"behind a gateway that checks every student's key (notebook 08).")
 
