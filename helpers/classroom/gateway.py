@@ -29,8 +29,9 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   unreadable refuses every new request (503) until it is fixed: never fail open.
 * **Fairness**: at most ``per_key_concurrency`` generation requests open per key,
   ``per_key_requests`` of any route per key (so one key's ``/metrics`` loops cannot fill the
-  class's places) and ``global_concurrency`` in all (429 beyond, at once, with the reason), counted before a body is
-  read; bodies are limited in size, time and nesting, and policed (``policy``). Before any of
+  class's places), ``per_key_rate`` requests a second per key after a burst of ``per_key_burst``
+  (short requests back to back would keep vLLM's API server busy), and ``global_concurrency`` in
+  all (429 beyond, at once, with the reason), counted before a body is read; bodies are limited in size, time and nesting, and policed (``policy``). Before any of
   that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
   must arrive within ``header_timeout`` (``connections``); no WebSockets.
 * **Cancelling** is passed on: a student who closes the connection (the notebook's Stop
@@ -59,6 +60,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -106,7 +108,7 @@ def sse_error(message: str, type: str, code: str) -> bytes:
 
 
 def _refusal(err: Refused, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.payload(), status_code=err.status, headers=headers)
+    return JSONResponse(err.payload(), status_code=err.status, headers={**err.headers, **(headers or {})} or None)
 
 
 # --------------------------------------------------------------------------- keys
@@ -201,6 +203,7 @@ class Gateway:
         self.open_total = 0
         self.open_generation: dict[str, int] = defaultdict(int)
         self.open_requests: dict[str, int] = defaultdict(int)      # every route, per key
+        self.buckets: dict[str, tuple[float, float]] = {}          # per key: (requests left, when counted)
         self.closing = False
         self._watch_task: asyncio.Task | None = None
         self._health: tuple[float, bool] = (-1e9, False)
@@ -335,10 +338,26 @@ class Gateway:
             raise Refused(429, f"too many requests at once on this key: {self.limits.per_key_requests} of any "
                                f"kind are still open (the most one key may have); wait for one to finish",
                           type="rate_limit_error", code="too_many_concurrent_requests")
+        self.spend(key_hash)
         self.open_total += 1
         self.open_requests[key_hash] += 1
         if generation:
             self.open_generation[key_hash] += 1
+
+    def spend(self, key_hash: str) -> None:
+        """One request from the key's bucket, which refills at ``per_key_rate`` a second up to
+        ``per_key_burst``: open requests are capped above, but short ones (a /tokenize of a long
+        text, /v1/models) sent back to back would still keep vLLM's API server busy for everyone."""
+        rate, burst = self.limits.per_key_rate, self.limits.per_key_burst
+        now = time.monotonic()
+        left, counted = self.buckets.get(key_hash, (burst, now))
+        left = min(burst, left + (now - counted) * rate)
+        if left < 1:
+            wait = (1 - left) / rate
+            raise Refused(429, f"too many requests on this key: at most {rate:g} a second after a burst of "
+                               f"{burst}; try again in {wait:.1f} s", type="rate_limit_error", code="rate_limited",
+                          headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        self.buckets[key_hash] = (left - 1, now)
 
     def release(self, key_hash: str, generation: bool) -> None:
         self.open_total -= 1
@@ -672,7 +691,7 @@ async def _serve(app: Starlette, sock: socket.socket, url: str, args) -> None:
         table = gateway.keys.table
         print(f"{READY_LINE} {url} -> {shown_at(gateway.upstream, gateway.upstream_uds)} ({len(table.active)} student key(s); "
               f"max_tokens {gateway.limits.max_tokens}, {gateway.limits.per_key_concurrency} generating and "
-              f"{gateway.limits.per_key_requests} requests open per key, "
+              f"{gateway.limits.per_key_requests} requests open per key, {gateway.limits.per_key_rate:g} a second, "
               f"{gateway.limits.global_concurrency} in all)", flush=True)
         if args.follow_pid:
             _follow(args.follow_pid, args.follow_start, server, server.loop)

@@ -47,6 +47,8 @@ class Limits:
     max_tokens: int = 512                 # cap on max_tokens / max_completion_tokens
     per_key_concurrency: int = 4          # generation requests open at once on one key (then 429)
     per_key_requests: int = 8             # requests of any route open at once on one key (then 429)
+    per_key_rate: float = 10.0            # requests a second on one key, sustained (then 429) ...
+    per_key_burst: int = 60               # ... after a burst of this many: a token bucket per key
     global_concurrency: int = 64          # requests open at once through the gateway (then 429)
     max_allowed_token_ids: int = 1024
     max_logit_bias: int = 1024
@@ -82,9 +84,10 @@ class Refused(Exception):
     and a message that names the cause."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str = "invalid_request", param: str | None = None):
+                 code: str = "invalid_request", param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}              # sent with the refusal (Retry-After)
 
     def payload(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}

@@ -403,6 +403,26 @@ def test_every_route_counts_against_a_keys_places_so_one_key_cannot_fill_the_cla
     assert wait_for(lambda: gw.state.open_total == 0 and not gw.state.open_requests and fake.open == 0, 10)
 
 
+def test_one_key_sending_short_requests_back_to_back_is_slowed_to_its_rate_and_others_are_not(fake, class_keys):
+    # open requests are capped per key, but short ones one after another (a /tokenize of a long
+    # text, /v1/models) would keep vLLM's API server busy for the whole class: a bucket per key.
+    # One request every 5 s: however slow this machine, three requests do not refill a place.
+    path, made = class_keys
+    with gateway(fake.url, path, per_key_rate=0.2, per_key_burst=3) as gw, \
+            httpx.Client(base_url=gw.url, timeout=30) as client:
+        replies = [client.get("/v1/models", headers=bearer(made["ana"])) for _ in range(3)]
+        assert [r.status_code for r in replies] == [200] * 3
+        slowed = client.post("/tokenize", headers=bearer(made["ana"]), json={"model": "fake", "prompt": "x"})
+        assert slowed.status_code == 429 and error_of(slowed)["code"] == "rate_limited", slowed.text
+        assert "0.2 a second after a burst of 3" in error_of(slowed)["message"]   # one every 5 s
+        assert int(slowed.headers["Retry-After"]) >= 1
+        assert client.get("/v1/models", headers=bearer(made["bo"])).status_code == 200     # another key
+        # a refused request spends nothing: asking again and again, the key gets its next place
+        assert wait_for(lambda: client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200, 30, interval=0.5)
+        assert any("rate_limited" in line for line in gw.lines)
+    assert Limits().per_key_rate > 0 and Limits().per_key_burst >= Limits().per_key_requests
+
+
 def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
     path, made = class_keys
     with gateway(fake.url, path) as gw, httpx.Client(base_url=gw.url, timeout=30) as client:
