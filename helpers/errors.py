@@ -44,7 +44,8 @@ class ModelNotFoundError(TutorialError):
 
 class UnsafeHostError(TutorialError, ValueError):
     """A vLLM server asked to listen on a network address: vLLM's own key guards only the
-    routes under /v1, /v2 and /inference (0.32.0: and /cohere; /invocations generates without it), so only a gateway with per-student keys may face the network."""
+    routes under /v1, /v2 and /inference (0.32.0: and /cohere; /invocations generates without
+    it), so only a gateway with per-student keys may face the network."""
 
 
 class PortInUseError(TutorialError):

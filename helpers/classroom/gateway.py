@@ -31,8 +31,8 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   ``per_key_requests`` of any route per key (so one key's ``/metrics`` loops cannot fill the
   class's places), ``per_key_rate`` requests a second per key after a burst of ``per_key_burst``
   (short requests back to back would keep vLLM's API server busy), and ``global_concurrency`` in
-  all (429 beyond, at once, with the reason), counted before a body is read; bodies are limited in size, time and nesting, and policed (``policy``). Before any of
-  that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
+  all (429 beyond, at once, with the reason), counted before a body is read; bodies are limited
+  in size, time and nesting, and policed (``policy``). Before any of that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
   must arrive within ``header_timeout`` (``connections``); no WebSockets.
 * **Cancelling** is passed on: a student who closes the connection (the notebook's Stop
   button) closes the gateway's connection to vLLM, and vLLM aborts the request. vLLM's answer
@@ -353,10 +353,10 @@ class Gateway:
         left, counted = self.buckets.get(key_hash, (burst, now))
         left = min(burst, left + (now - counted) * rate)
         if left < 1:
-            wait = (1 - left) / rate
+            retry = max(1, math.ceil((1 - left) / rate))       # whole seconds, as Retry-After takes them
             raise Refused(429, f"too many requests on this key: at most {rate:g} a second after a burst of "
-                               f"{burst}; try again in {wait:.1f} s", type="rate_limit_error", code="rate_limited",
-                          headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                               f"{burst}; try again in {retry} s", type="rate_limit_error", code="rate_limited",
+                          headers={"Retry-After": str(retry)})
         self.buckets[key_hash] = (left - 1, now)
 
     def release(self, key_hash: str, generation: bool) -> None:

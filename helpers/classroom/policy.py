@@ -70,8 +70,9 @@ class Limits:
 
     def __post_init__(self):
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"Limits.{f.name} must be positive, got {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if not value > 0:                             # NaN too: every comparison with it is False
+                raise ValueError(f"Limits.{f.name} must be positive, got {value!r}")
 
     @property
     def upstream_connections(self) -> int:

@@ -31,6 +31,7 @@ os.environ["TUTORIAL_STATE_DIR"] = tempfile.mkdtemp(prefix="vllm-tutorial-measur
 import httpx  # noqa: E402
 
 from helpers.classroom import keys as keyfile  # noqa: E402
+from helpers.classroom.policy import Limits  # noqa: E402
 from helpers.classroom.service import start_gateway  # noqa: E402
 from helpers.server.config import from_settings  # noqa: E402
 from helpers.server.lifecycle import VLLMServer  # noqa: E402
@@ -83,7 +84,9 @@ def main() -> int:
     server = VLLMServer(from_settings(load_settings(api_key=internal))).start()
     gateway = None
     try:
-        gateway = start_gateway(server, host="127.0.0.1", keys_path=folder / "keys.json")
+        # one key asks again and again: no rate limit in the way of what is measured
+        gateway = start_gateway(server, host="127.0.0.1", keys_path=folder / "keys.json",
+                                limits=Limits(per_key_rate=1000.0, per_key_burst=1000))
         direct, through = server.url, gateway.url
         with httpx.Client(timeout=60, trust_env=False) as c:
             checks = {

@@ -421,6 +421,8 @@ def test_one_key_sending_short_requests_back_to_back_is_slowed_to_its_rate_and_o
         assert wait_for(lambda: client.get("/v1/models", headers=bearer(made["ana"])).status_code == 200, 30, interval=0.5)
         assert any("rate_limited" in line for line in gw.lines)
     assert Limits().per_key_rate > 0 and Limits().per_key_burst >= Limits().per_key_requests
+    with pytest.raises(ValueError, match="per_key_rate must be positive"):
+        Limits(per_key_rate=float("nan"))              # would switch the bucket off: min(burst, nan) is burst
 
 
 def test_a_client_that_goes_away_ends_the_request_in_vllm(fake, class_keys):
