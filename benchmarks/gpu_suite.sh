@@ -22,9 +22,9 @@
 #   server-b   the server tests that run 4 did not reach (after the first 14 by collection order)
 #   changed    the two server tests changed after run 6 (the class server started twice; the engine
 #              core that dies while its API server lives), alone
-#   n06        notebook 06 alone          sol01      solution 01 alone
-#   n05, n08   notebook 05 alone, notebook 08 alone (each starts servers by hand since run 7)
-#   sol09      solution 09, which needs vllm-router: carry .gpu/router (its wheel, orjson,
+#   n00..n09   one notebook alone (n05, n08: each starts servers by hand since run 7)
+#   sol00..sol09  one solution notebook alone
+#              solution 09 needs vllm-router: carry .gpu/router (its wheel, orjson,
 #              setproctitle) in a call of its own first: bash /tmp/stash/unpack.sh .gpu/router
 # JUnit files and logs go to $OUT.
 set -u
@@ -90,11 +90,8 @@ for stage in $stages; do
     changed) run changed 450 -m vllm \
       "tests/server/test_lifecycle.py::test_a_class_server_started_twice_at_once_is_one_server_with_its_key_off_every_command_line" \
       "tests/server/test_lifecycle.py::test_a_start_whose_engine_dies_while_the_api_server_lives_fails_within_10_s" ;;
-    n06) run n06 450 "${lax[@]}" --nbval-cell-timeout 400 notebooks/06_*.ipynb ;;
-    n05) run n05 450 "${lax[@]}" --nbval-cell-timeout 400 notebooks/05_*.ipynb ;;
-    n08) run n08 450 "${lax[@]}" --nbval-cell-timeout 400 notebooks/08_*.ipynb ;;
-    sol01) run sol01 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/01_*.ipynb ;;
-    sol09) run sol09 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/09_*.ipynb ;;
+    n0[0-9]) run "$stage" 450 "${lax[@]}" --nbval-cell-timeout 400 notebooks/"${stage#n}"_*.ipynb ;;
+    sol0[0-9]) run "$stage" 300 "${lax[@]}" --nbval-cell-timeout 250 notebooks/solutions/"${stage#sol}"_*.ipynb ;;
     solutions) run solutions 530 "${lax[@]}" --nbval-cell-timeout 400 notebooks/solutions/*.ipynb ;;
     server) run server 530 -m "vllm and not browser and not netns" tests ;;
     failures) run failures 400 -m vllm \

@@ -32,8 +32,9 @@ with ``Cache-Control: no-cache`` and ``X-Accel-Buffering: no``; nothing compress
   class's places), ``per_key_rate`` requests a second per key after a burst of ``per_key_burst``
   (short requests back to back would keep vLLM's API server busy), and ``global_concurrency`` in
   all (429 beyond, at once, with the reason), counted before a body is read; bodies are limited
-  in size, time and nesting, and policed (``policy``). Before any of that, a peer address holds at most ``per_peer_connections`` connections, and a request's head
-  must arrive within ``header_timeout`` (``connections``); no WebSockets.
+  in size, time and nesting, and policed (``policy``). Before any of that, a peer address holds
+  at most ``per_peer_connections`` connections, and a request's head must arrive within
+  ``header_timeout`` (``connections``); no WebSockets.
 * **Cancelling** is passed on: a student who closes the connection (the notebook's Stop
   button) closes the gateway's connection to vLLM, and vLLM aborts the request. vLLM's answer
   is read by a task of its own into a queue, so a revocation or a disconnect also interrupts a
